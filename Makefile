@@ -1,0 +1,40 @@
+# make demo: set up .venv and run the demo recipe on the embedded model.
+# make test: set up .venv and run the whole test suite (what CI runs).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint fast-test model clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, on its own: the exact CPU build lies on the machine's disk, and letting another package
+# pull "torch" instead downloads a multi-GB CUDA build.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/compress run recipes/tiny-phi4-mini.yaml --out runs/demo
+
+lint: install
+	$(VENV)/bin/ruff check compress tests
+
+test: lint
+	$(PY) -m pytest -q
+
+fast-test: install
+	$(PY) -m pytest -q -m "not slow"
+
+# Retrain the embedded model (about 12 minutes on 2 cores); the result is committed under compress/assets.
+model: install
+	$(PY) -m compress.assets.build_tiny
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

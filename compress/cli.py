@@ -1,0 +1,85 @@
+"""argv -> recipe -> pipeline.run -> summary. Exit codes: 0 all passed, 1 something failed, 2 bad input."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from compress.data import DataError
+from compress.model import ModelError
+from compress.recipe import RecipeError, load_recipe
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Quantize Phi-4-family checkpoints, verify every artifact in its runtime, release what passes.")
+# Piped output (CI logs, `| tee`) gets a table wide enough to read; a terminal uses its own width.
+console = Console(width=None if sys.stdout.isatty() else 140)
+BAD_INPUT = (RecipeError, ModelError, DataError)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/<recipe name>).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model to use instead of the recipe's: folder, hub id or builtin:NAME.")] = None,
+) -> None:
+    """Quantize, export, verify and release every variant of RECIPE."""
+    try:
+        parsed = load_recipe(recipe)
+        out = out or Path("runs") / parsed.name
+        _check_out(out, model or parsed.model)
+        _quiet_libraries()
+        from compress.pipeline import run as run_pipeline  # torch is imported only once the recipe is valid
+
+        report = run_pipeline(parsed, str(recipe), out, model, console)
+    except BAD_INPUT as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        _fail("interrupted; completed stages are kept in the run folder", 130)
+    released = [v for v in report["variants"] if v["released"]]
+    console.print(f"Report: {out / 'report.md'}  ({len(released)} of {len(report['variants'])} artifact(s) released)")
+    raise typer.Exit(0 if len(released) == len(report["variants"]) else 1)
+
+
+@app.command()
+def validate(recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")]) -> None:
+    """Check RECIPE without loading any model."""
+    try:
+        parsed = load_recipe(recipe)
+    except RecipeError as error:
+        _fail(str(error))
+    names = ", ".join(v.name for v in parsed.variants)
+    console.print(f"{recipe}: valid — model {parsed.model}, {len(parsed.variants)} variant(s): {names}")
+
+
+def _quiet_libraries() -> None:
+    """The libraries' own progress bars and chatter would fight our display; their logs go to files."""
+    for name, value in {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+                        "TOKENIZERS_PARALLELISM": "false"}.items():
+        os.environ.setdefault(name, value)
+
+
+def _check_out(out: Path, model_spec: str) -> None:
+    """Refuse an output folder that is a file or sits inside the model folder."""
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"output {out} exists and is not a folder")
+    model_path = Path(model_spec).expanduser()
+    if model_path.is_dir() and out.resolve().is_relative_to(model_path.resolve()):
+        raise RecipeError(f"output {out} is inside the model folder {model_spec}; choose a folder outside it")
+
+
+def main() -> None:
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

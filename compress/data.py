@@ -1,0 +1,140 @@
+"""Text sets: the built-in CPython documentation splits and user files, cut into token windows.
+
+Evaluation windows follow ../shared/METRICS.md: documents are tokenized with the baseline's tokenizer,
+joined with the EOS token, and the first `windows` non-overlapping windows of `seq_len` tokens are used.
+Calibration samples are drawn from the same kind of token stream with a seeded generator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+BUILTIN_PREFIX = "builtin:"
+# Characters of text each built-in held-out split gets; the rest of the topics train the embedded model.
+HELD_OUT_CHARS = {"eval": 70_000, "calib": 60_000}
+
+
+class DataError(ValueError):
+    """A text set that cannot be used; the message is one sentence for the user."""
+
+
+def pydoc_splits() -> dict[str, list[str]]:
+    """CPython's pydoc topics split by document into disjoint train / calib / eval sets.
+
+    The order is fixed by a hash of each topic's name, so the split does not depend on dict order; the
+    evaluation and calibration sets take whole documents until they reach HELD_OUT_CHARS.
+    """
+    from pydoc_data.topics import topics
+
+    names = sorted(topics, key=lambda name: hashlib.sha256(name.encode()).hexdigest())
+    splits: dict[str, list[str]] = {"eval": [], "calib": [], "train": []}
+    filled = {"eval": 0, "calib": 0}
+    for name in names:
+        text = topics[name].strip()
+        part = next((p for p in ("eval", "calib") if filled[p] < HELD_OUT_CHARS[p]), "train")
+        splits[part].append(text)
+        if part in filled:
+            filled[part] += len(text)
+    return splits
+
+
+def stdlib_docstrings(min_chars: int = 200) -> list[str]:
+    """Docstrings of CPython's standard library (modules, classes, functions), read with ast, never imported.
+
+    Extra training text for the embedded model: pydoc's topics alone (~80k tokens) are memorised by a
+    1.5M-parameter model long before it generalises. Held-out sets stay pydoc topics, so they are disjoint.
+    """
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skipped = {"idlelib", "lib2to3", "site-packages", "tkinter", "turtledemo", "ensurepip", "__pycache__"}
+    documents = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        if any(part in skipped or part.startswith("test") for part in parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                docstring = ast.get_docstring(node)
+                if docstring and len(docstring) >= min_chars:
+                    documents.append(docstring)
+    return documents
+
+
+BUILTIN_SETS = {"pydoc-calib": "calib", "pydoc-eval": "eval", "pydoc-train": "train"}
+
+
+def load_documents(spec: str) -> list[str]:
+    """Documents of a text set: `builtin:NAME`, a `.txt` file (blank-line separated) or `.jsonl` (`text`)."""
+    if spec.startswith(BUILTIN_PREFIX):
+        name = spec[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_SETS:
+            known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_SETS)
+            raise DataError(f"unknown built-in data set {spec!r}; known: {known}")
+        return pydoc_splits()[BUILTIN_SETS[name]]
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"data set file {spec} does not exist")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"data set file {spec} is not UTF-8 text (byte {error.start})") from None
+    if path.suffix == ".jsonl":
+        documents = []
+        for number, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                documents.append(str(json.loads(line)["text"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(f"{spec}:{number}: each line must be a JSON object with a 'text' field") from None
+    else:
+        documents = [block.strip() for block in raw.split("\n\n") if block.strip()]
+    if not documents:
+        raise DataError(f"data set file {spec} holds no text")
+    return documents
+
+
+def token_stream(documents: list[str], tokenizer) -> np.ndarray:
+    """All documents tokenized and joined with the EOS token between them. -> [tokens] int64"""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for index, document in enumerate(documents):
+        if index:
+            ids.append(eos)
+        ids.extend(tokenizer(document, add_special_tokens=False)["input_ids"])
+    return np.asarray(ids, dtype=np.int64)
+
+
+def evaluation_windows(stream: np.ndarray, seq_len: int, windows: int, spec: str = "") -> np.ndarray:
+    """The first `windows` non-overlapping windows of `seq_len` tokens. -> [windows, seq_len]"""
+    available = len(stream) // seq_len
+    if available < windows:
+        raise DataError(
+            f"evaluation set {spec} has {len(stream)} tokens: {available} windows of {seq_len}, "
+            f"fewer than the {windows} asked for"
+        )
+    return stream[: windows * seq_len].reshape(windows, seq_len)
+
+
+def calibration_samples(stream: np.ndarray, seq_len: int, samples: int, seed: int, spec: str = "") -> np.ndarray:
+    """`samples` windows of `seq_len` tokens at seeded random offsets. -> [samples, seq_len]"""
+    if len(stream) < seq_len:
+        raise DataError(f"calibration set {spec} has {len(stream)} tokens, shorter than one window of {seq_len}")
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(stream) - seq_len + 1, size=samples)
+    return np.stack([stream[start : start + seq_len] for start in starts])
+
+
+def array_hash(array: np.ndarray) -> str:
+    """sha256 of an array's bytes, to name exactly which tokens were used."""
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()

@@ -1,0 +1,169 @@
+"""Find a Phi-4-family checkpoint, check it before any weights are loaded, and estimate what it needs.
+
+A model is `builtin:NAME` (shipped with the package), a local folder, or a Hugging Face hub id. A local
+folder never touches the network; a hub id is the only thing that may. trust_remote_code is never on.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+ASSETS = Path(__file__).parent / "assets"
+BUILTIN_MODELS = {"tiny-phi4-mini": ASSETS / "tiny-phi4-mini"}
+PHI3_ARCHITECTURES = {"Phi3ForCausalLM"}
+DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+# The linear layers Phi-3-architecture blocks hold, by role. One table, used wherever layers are named.
+PHI3_LINEARS = {
+    "attention": ("self_attn.qkv_proj", "self_attn.o_proj"),
+    "mlp": ("mlp.gate_up_proj", "mlp.down_proj"),
+}
+
+
+class ModelError(ValueError):
+    """A model that cannot be used; the message is one sentence for the user."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    spec: str  # what the user wrote
+    path: Path  # local folder holding config.json, weights and tokenizer
+    config: dict
+    parameters: int
+    weight_bytes: int  # bytes of every tensor as stored
+    stored_dtype: str
+
+    @property
+    def layers(self) -> int:
+        return int(self.config["num_hidden_layers"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config["hidden_size"])
+
+
+def resolve_model(spec: str) -> Path:
+    """A local folder for `spec`, downloading a hub id only when one is named."""
+    if spec.startswith("builtin:"):
+        name = spec.removeprefix("builtin:")
+        if name not in BUILTIN_MODELS:
+            raise ModelError(f"unknown built-in model {spec!r}; known: {', '.join('builtin:' + n for n in BUILTIN_MODELS)}")
+        return BUILTIN_MODELS[name]
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"model {spec} is a file; give the folder that holds config.json and the weights")
+        return path
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return _download(spec)
+    raise ModelError(f"model folder {spec} does not exist")
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
+            )
+        )
+    except Exception as error:  # the hub client raises many kinds; all mean "cannot get it"
+        raise ModelError(
+            f"could not fetch {repo_id} from the Hugging Face hub ({type(error).__name__}); "
+            "check the id and the network, or give a local folder"
+        ) from None
+
+
+def _safetensors_header(path: Path) -> dict:
+    with path.open("rb") as handle:
+        raw = handle.read(8)
+        if len(raw) < 8:
+            raise ModelError(f"{path.name} is not a safetensors file (too short)")
+        (length,) = struct.unpack("<Q", raw)
+        if length > 100_000_000:
+            raise ModelError(f"{path.name} is not a safetensors file (bad header)")
+        try:
+            return json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ModelError(f"{path.name} is not a safetensors file (bad header)") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        if list(path.glob("*.bin")) or list(path.glob("*.pt")):
+            raise ModelError(f"{path} holds only pickle weights (.bin/.pt), which are never loaded; convert them to safetensors")
+        raise ModelError(f"{path} holds no .safetensors weights")
+    return files
+
+
+def inspect_model(spec: str) -> ModelInfo:
+    """Read config and safetensors headers (no weights) and refuse what is not a Phi-3-architecture model."""
+    path = resolve_model(spec)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelError(f"{spec} is not a model folder: config.json is missing")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ModelError(f"{config_file} is not valid JSON (line {error.lineno})") from None
+    architectures = set(config.get("architectures") or [])
+    if not architectures & PHI3_ARCHITECTURES and config.get("model_type") != "phi3":
+        found = ", ".join(sorted(architectures)) or config.get("model_type", "unknown")
+        raise ModelError(f"{spec} is a {found} model; compress handles Phi-3-architecture (Phi-4 family) checkpoints only")
+    parameters = weight_bytes = 0
+    dtypes: dict[str, int] = {}
+    for file in weight_files(path):
+        for name, entry in _safetensors_header(file).items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for dim in entry["shape"]:
+                count *= dim
+            parameters += count
+            weight_bytes += count * DTYPE_BYTES.get(entry["dtype"], 4)
+            dtypes[entry["dtype"]] = dtypes.get(entry["dtype"], 0) + count
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer.model").is_file():
+        raise ModelError(f"{spec} has no tokenizer (tokenizer.json or tokenizer.model)")
+    stored = max(dtypes, key=dtypes.get) if dtypes else "F32"
+    return ModelInfo(spec, path, config, parameters, weight_bytes, stored)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Estimated peak bytes for each stage; see benchmarks/ for how these were checked."""
+
+    baseline: int
+    quantize: int
+    verify: int
+    device_verify: int  # on an accelerator: the model in its stored dtype plus one batch of logits
+
+    def largest(self) -> int:
+        return max(self.baseline, self.quantize, self.verify)
+
+
+def estimate_memory(info: ModelInfo, calibration_samples: int, calibration_seq_len: int, eval_seq_len: int) -> MemoryPlan:
+    """Bytes each stage needs on the device that runs it, from the config alone.
+
+    Baseline and verification hold the model in fp32 on the CPU (stored dtype on CUDA) plus one batch of
+    logits. GPTQ holds the whole model, one Hessian [in, in] fp32 per linear layer of the current block,
+    and the calibration activations of one block ([samples, seq_len, hidden] fp32, a few copies).
+    """
+    config = info.config
+    hidden, intermediate = int(config["hidden_size"]), int(config["intermediate_size"])
+    vocab = int(config["vocab_size"])
+    model_fp32 = info.parameters * 4
+    logits = 2 * eval_seq_len * vocab * 4
+    hessians = 4 * (2 * hidden * hidden + intermediate * intermediate) + 4 * hidden * hidden
+    activations = 4 * calibration_samples * calibration_seq_len * max(hidden, 2 * intermediate) * 4
+    overhead = 600 * 2**20  # interpreter, torch, tokenizer
+    return MemoryPlan(
+        baseline=model_fp32 + logits + overhead,
+        quantize=model_fp32 + hessians + activations + overhead,
+        verify=model_fp32 + logits + overhead,
+        device_verify=info.weight_bytes + logits + 512 * 2**20,
+    )

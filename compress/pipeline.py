@@ -1,0 +1,259 @@
+"""The stages of `compress run`, in order, as plain calls:
+
+preflight -> data -> baseline -> quantize + export -> verify -> gate -> release -> report
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+from rich.console import Console
+
+from compress.data import array_hash, calibration_samples, evaluation_windows, load_documents, token_stream
+from compress.export.compressed_tensors import EXPORTERS
+from compress.model import ModelError, ModelInfo, estimate_memory, inspect_model
+from compress.quantize.llmc import QUANTIZERS
+from compress.quiet import library_output_to
+from compress.recipe import Recipe, Variant
+from compress.release import build_manifest, package_versions, release, write_json_atomic
+from compress.report import write_report
+from compress.results import FAIL, NOT_VERIFIED, PASS, Artifact, Outcome, Verdict
+from compress.ui import progress_bar, stage
+from compress.verify.gates import check_gates
+from compress.verify.isolated import MeasurementError, measure_in_subprocess
+from compress.verify.size import bits_per_weight, folder_bytes, read_tensors
+from compress.verify.targets import availability, free_device_memory
+
+RUNTIME_OF_FORMAT = {"compressed-tensors": "transformers"}
+
+
+@dataclass(frozen=True)
+class RunData:
+    windows_file: Path  # npz: windows [W, seq_len], prompt [prompt_tokens]
+    samples: np.ndarray  # calibration [samples, seq_len]
+    hashes: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Baseline:
+    size_bytes: int
+    results: dict[str, dict]  # target -> worker result (metrics, environment)
+    references: dict[str, Path]  # target -> reference npz
+    missing: dict[str, str]  # target -> why it could not be measured here
+
+
+def preflight(recipe: Recipe, model_spec: str, console: Console) -> ModelInfo:
+    """Resolve and inspect the model, check every variant fits it, and refuse early if memory is short."""
+    info = inspect_model(model_spec)
+    config = info.config
+    input_sizes = {"hidden_size": int(config["hidden_size"]), "intermediate_size": int(config["intermediate_size"])}
+    for index, variant in enumerate(recipe.variants):
+        for name, size in input_sizes.items():
+            if variant.group_size != -1 and size % variant.group_size:
+                raise ModelError(
+                    f"variants[{index}].group_size: {variant.group_size} does not divide the model's {name} {size}"
+                )
+    plan = estimate_memory(info, recipe.calibration.samples, recipe.calibration.seq_len, recipe.evaluation.seq_len)
+    available = psutil.virtual_memory().available
+    gib = 2**30
+    console.print(
+        f"   model {info.spec}: {info.parameters / 1e6:.1f}M parameters, {info.layers} layers, "
+        f"{info.weight_bytes / gib:.2f} GiB as stored ({info.stored_dtype})"
+    )
+    console.print(
+        f"   memory needed: baseline {plan.baseline / gib:.1f} GiB, quantize {plan.quantize / gib:.1f} GiB, "
+        f"verify {plan.verify / gib:.1f} GiB; available {available / gib:.1f} GiB"
+    )
+    if plan.largest() > available:
+        raise ModelError(
+            f"{info.spec} needs about {plan.largest() / gib:.1f} GiB of memory but only {available / gib:.1f} GiB is available"
+        )
+    if "cuda" in recipe.targets and (free := free_device_memory("cuda")) is not None:
+        console.print(f"   GPU memory needed to verify: {plan.device_verify / gib:.1f} GiB; free {free / gib:.1f} GiB")
+        if plan.device_verify > free and recipe.targets["cuda"].required:
+            raise ModelError(f"{info.spec} needs about {plan.device_verify / gib:.1f} GiB of GPU memory but only {free / gib:.1f} GiB is free")
+    return info
+
+
+def prepare_data(recipe: Recipe, info: ModelInfo, run_dir: Path) -> RunData:
+    """Tokenize the evaluation and calibration sets with the baseline's tokenizer; save the windows."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(info.path, local_files_only=True, trust_remote_code=False)
+    tokenizer.model_max_length = 1 << 30  # documents are cut into windows here, not by the tokenizer
+    evaluation, calibration = recipe.evaluation, recipe.calibration
+    eval_stream = token_stream(load_documents(evaluation.dataset), tokenizer)
+    windows = evaluation_windows(eval_stream, evaluation.seq_len, evaluation.windows, evaluation.dataset)
+    prompt = eval_stream[: evaluation.prompt_tokens]
+    calib_stream = token_stream(load_documents(calibration.dataset), tokenizer)
+    samples = calibration_samples(calib_stream, calibration.seq_len, calibration.samples, calibration.seed, calibration.dataset)
+    data_dir = run_dir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    windows_file = data_dir / "windows.npz"
+    np.savez(windows_file, windows=windows, prompt=prompt)
+    hashes = {"evaluation_tokens": array_hash(windows), "calibration_tokens": array_hash(samples)}
+    return RunData(windows_file, samples, hashes)
+
+
+def _job(recipe: Recipe, folder: Path, runtime: str, target: str, data: RunData) -> dict:
+    evaluation = recipe.evaluation
+    return {
+        "artifact": str(folder),
+        "runtime": runtime,
+        "target": target,
+        "windows": str(data.windows_file),
+        "top_k": evaluation.top_k,
+        "new_tokens": evaluation.new_tokens,
+        "speed_runs": evaluation.speed_runs,
+    }
+
+
+def evaluate_baseline(recipe: Recipe, info: ModelInfo, data: RunData, run_dir: Path) -> Baseline:
+    """Perplexity, reference log-probs and speed of the original model on every target present."""
+    results, references, missing = {}, {}, {}
+    for target in recipe.targets:
+        reason = availability(target)
+        if reason:
+            missing[target] = reason
+            continue
+        reference = run_dir / "baseline" / f"reference-{target}.npz"
+        job = {**_job(recipe, info.path, "transformers", target, data), "write_reference": str(reference)}
+        results[target] = measure_in_subprocess(job, run_dir / "baseline", target)
+        references[target] = reference
+    return Baseline(folder_bytes(info.path), results, references, missing)
+
+
+def quantize_and_export(variant: Variant, info: ModelInfo, data: RunData, run_dir: Path) -> list[Artifact]:
+    """Calibrate once, then write every format the variant asks for into staging/."""
+    log = run_dir / "logs" / f"{variant.name}.log"
+    with library_output_to(log):
+        model, tokenizer, details = QUANTIZERS[variant.method](info.path, variant, data.samples)
+        for fmt in variant.formats:
+            folder = run_dir / "staging" / variant.name / fmt
+            shutil.rmtree(folder, ignore_errors=True)
+            EXPORTERS[fmt](model, tokenizer, info.path, folder)
+    details = {**details, "log": str(log)}
+    artifacts = []
+    for fmt in variant.formats:
+        folder = run_dir / "staging" / variant.name / fmt
+        artifacts.append(
+            Artifact(variant.name, variant.method, fmt, folder, RUNTIME_OF_FORMAT[fmt], folder_bytes(folder),
+                     bits_per_weight(read_tensors(folder)), details)
+        )
+    return artifacts
+
+
+def verify_artifact(recipe: Recipe, variant: Variant, artifact: Artifact, baseline: Baseline, data: RunData, run_dir: Path) -> dict[str, Verdict]:
+    """Load the exported artifact back from disk on each target, measure it, and check the gates."""
+    gates = recipe.gates_for(variant).model_dump()
+    verdicts = {}
+    for target in recipe.targets:
+        if target in baseline.missing:
+            verdicts[target] = Verdict(target, NOT_VERIFIED, {}, [baseline.missing[target]])
+            continue
+        job = {**_job(recipe, artifact.path, artifact.runtime, target, data), "reference": str(baseline.references[target])}
+        try:
+            result = measure_in_subprocess(job, run_dir / "work" / variant.name / artifact.format, target)
+        except MeasurementError as error:
+            verdicts[target] = Verdict(target, FAIL, {}, [f"the artifact could not be run: {error}"])
+            continue
+        metrics = result["metrics"]
+        base = baseline.results[target]["metrics"]
+        metrics["size_ratio"] = artifact.size_bytes / baseline.size_bytes
+        metrics["decode_speedup"] = metrics["decode_tps"] / base["decode_tps"]
+        metrics["prefill_speedup"] = metrics["prefill_tps"] / base["prefill_tps"]
+        failures = check_gates(gates, metrics)
+        verdicts[target] = Verdict(target, FAIL if failures else PASS, metrics, failures, result["environment"])
+    return verdicts
+
+
+def decide(recipe: Recipe, verdicts: dict[str, Verdict]) -> list[str]:
+    """Why an artifact may not be released: a failed target, or a required target not verified."""
+    reasons = []
+    for target, verdict in verdicts.items():
+        if verdict.status == FAIL:
+            reasons.append(f"{target}: " + "; ".join(verdict.failures))
+        elif verdict.status == NOT_VERIFIED and recipe.targets[target].required:
+            reasons.append(f"{target} is required but was not verified: {verdict.failures[0]}")
+    return reasons
+
+
+def model_fingerprint(info: ModelInfo) -> str:
+    """sha256 over config.json and each weight file's name, size and header: cheap even for 14B models."""
+    digest = hashlib.sha256((info.path / "config.json").read_bytes())
+    for file in sorted(info.path.glob("*.safetensors")):
+        with file.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            digest.update(file.name.encode() + str(file.stat().st_size).encode() + handle.read(length))
+    return digest.hexdigest()
+
+
+def run(recipe: Recipe, recipe_path: str, out: Path, model_spec: str | None = None, console: Console | None = None) -> dict:
+    """Run every stage of a recipe into `out`. -> the report (also written to out/report.json)."""
+    console = console or Console()
+    model_spec = model_spec or recipe.model
+    with stage(console, 1, "Preflight") as line:
+        info = preflight(recipe, model_spec, console)
+        out.mkdir(parents=True, exist_ok=True)
+        line.done(f"{info.spec} is a Phi-3-architecture model and fits in memory")
+    with stage(console, 2, "Data") as line:
+        data = prepare_data(recipe, info, out)
+        line.done(
+            f"{recipe.evaluation.windows}×{recipe.evaluation.seq_len} evaluation tokens, "
+            f"{recipe.calibration.samples}×{recipe.calibration.seq_len} calibration tokens"
+        )
+    with stage(console, 3, "Baseline") as line:
+        baseline = evaluate_baseline(recipe, info, data, out)
+        line.done(", ".join(
+            f"{target}: ppl {result['metrics']['ppl']:.3f}, decode {result['metrics']['decode_tps']:.0f} tok/s"
+            for target, result in baseline.results.items()
+        ) + "".join(f"; {target}: not verified ({why})" for target, why in baseline.missing.items()))
+
+    context = {
+        "recipe": recipe.model_dump(mode="json"),
+        "recipe_sha256": recipe.digest(),
+        "recipe_path": recipe_path,
+        "model": {"spec": info.spec, "path": str(info.path), "fingerprint": model_fingerprint(info), "parameters": info.parameters},
+        "data": data.hashes,
+        "versions": package_versions(),
+    }
+    outcomes: list[Outcome] = []
+    with stage(console, 4, "Quantize, export, verify", spinner=False) as line:
+        with progress_bar(console) as bar:
+            task = bar.add_task("variants", total=len(recipe.variants))
+            for variant in recipe.variants:
+                bar.update(task, description=f"{variant.name}: quantizing ({variant.method})")
+                artifacts = quantize_and_export(variant, info, data, out)
+                for artifact in artifacts:
+                    bar.update(task, description=f"{variant.name}: verifying {artifact.format}")
+                    verdicts = verify_artifact(recipe, variant, artifact, baseline, data, out)
+                    reasons = decide(recipe, verdicts)
+                    outcomes.append(Outcome(artifact, verdicts, not reasons, reasons))
+                bar.advance(task)
+        line.done(f"{len(outcomes)} artifact(s) from {len(recipe.variants)} variant(s)")
+
+    with stage(console, 5, "Release") as line:
+        released = []
+        for index, outcome in enumerate(outcomes):
+            write_json_atomic(outcome.artifact.path / "manifest.json", build_manifest(outcome, context))
+            if outcome.released:
+                destination = out / "release" / outcome.artifact.variant / outcome.artifact.format
+                moved = Artifact(**{**outcome.artifact.__dict__, "path": release(outcome.artifact.path, destination)})
+                outcomes[index] = Outcome(moved, outcome.verdicts, True, [])
+                released.append(f"{outcome.artifact.variant}/{outcome.artifact.format}")
+        line.done(f"released {len(released)} of {len(outcomes)}" + (f": {', '.join(released)}" if released else ""))
+
+    with stage(console, 6, "Report") as line:
+        report = write_report(out, recipe, info, baseline, outcomes, context, console)
+        line.done(f"{out / 'report.md'} and {out / 'report.json'}")
+    return report
+
+
+def load_report(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())

@@ -1,0 +1,86 @@
+"""Manifests and release: an artifact reaches release/ whole, verified, and described, or not at all.
+
+The manifest is written last inside the staging folder; the folder is then moved into release/ by one
+rename on the same file system, so release/ never holds a partial artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+
+from compress.results import Outcome
+
+KEY_PACKAGES = (
+    "compress", "torch", "transformers", "llmcompressor", "compressed-tensors", "onnxruntime",
+    "onnxruntime-genai", "onnx", "numpy", "safetensors", "tokenizers",
+)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in KEY_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` except the manifest itself, by relative path."""
+    hashes = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != "manifest.json":
+            digest = hashlib.sha256()
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            hashes[str(path.relative_to(folder))] = digest.hexdigest()
+    return hashes
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON through a temporary file and a rename, so readers see the old or the new file whole."""
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(temporary, path)
+
+
+def build_manifest(outcome: Outcome, context: dict) -> dict:
+    """Everything needed to know what an artifact is and how it was proven; written into its folder."""
+    artifact = outcome.artifact
+    return {
+        "variant": artifact.variant,
+        "method": artifact.method,
+        "format": artifact.format,
+        "runtime": artifact.runtime,
+        "released": outcome.released,
+        "not_released_because": outcome.reasons,
+        "size_bytes": artifact.size_bytes,
+        **artifact.bits,
+        "quantization": artifact.details,
+        "verdicts": {target: asdict(verdict) for target, verdict in outcome.verdicts.items()},
+        **context,  # recipe (resolved), recipe sha256, model, data hashes, versions
+        "files": file_hashes(artifact.path),
+    }
+
+
+def release(staging: Path, destination: Path) -> Path:
+    """Move a verified staging folder into release/ by atomic rename, replacing an older release."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if destination.exists():
+        retired = destination.with_name(destination.name + ".retired")
+        shutil.rmtree(retired, ignore_errors=True)
+        os.rename(destination, retired)
+        os.rename(staging, destination)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.rename(staging, destination)
+    return destination

@@ -1,0 +1,163 @@
+"""The run's report: report.json (the contract), report.md, and the summary table printed at the end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from compress.release import write_json_atomic
+
+BASELINE_KEYS = ("ppl", "nll_se", "decode_tps", "prefill_tps", "peak_rss_mb", "peak_vram_mb")
+
+
+def build_report(out: Path, recipe, info, baseline, outcomes, context) -> dict:
+    """The report as a dict; keys follow the contract in the foundation issue (extend, never rename)."""
+    variants = []
+    for outcome in outcomes:
+        artifact = outcome.artifact
+        variants.append({
+            "name": artifact.variant,
+            "method": artifact.method,
+            "format": artifact.format,
+            "runtime": artifact.runtime,
+            "path": str(artifact.path),
+            "released": outcome.released,
+            "not_released_because": outcome.reasons,
+            "size_bytes": artifact.size_bytes,
+            "bits_per_weight": artifact.bits["bits_per_weight"],
+            "bits_per_weight_all": artifact.bits["bits_per_weight_all"],
+            "quantize_seconds": artifact.details.get("seconds"),
+            "targets": {
+                target: {"status": verdict.status, "failures": verdict.failures, "metrics": verdict.metrics,
+                         "environment": verdict.environment}
+                for target, verdict in outcome.verdicts.items()
+            },
+        })
+    return {
+        "recipe": recipe.name,
+        "recipe_sha256": context["recipe_sha256"],
+        "model": info.spec,
+        "model_parameters": info.parameters,
+        "evaluation": recipe.evaluation.model_dump(),
+        "kld_note": f"KLD keeps the baseline's top {recipe.evaluation.top_k} tokens per position plus one bucket "
+                    "for the rest: a lower bound on full-vocabulary KLD when the vocabulary is larger.",
+        "baseline": {
+            "size_bytes": baseline.size_bytes,
+            "targets": {
+                **{t: {k: r["metrics"][k] for k in BASELINE_KEYS if k in r["metrics"]} | {"status": "measured", "environment": r["environment"]}
+                   for t, r in baseline.results.items()},
+                **{t: {"status": "not-verified", "reason": why} for t, why in baseline.missing.items()},
+            },
+        },
+        "variants": variants,
+        "versions": context["versions"],
+        "data": context["data"],
+    }
+
+
+def _fmt(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _kld(metrics: dict) -> str:
+    return f"{metrics['kld']:.3g} ± {metrics['kld_se']:.2g}" if "kld" in metrics else "—"
+
+
+# (header, cell from (row, metrics), shown in the terminal too). A row is a dict with name, format, target,
+# size_bytes, bits_per_weight, verdict; metrics are that target's figures.
+COLUMNS = [
+    ("variant", lambda r, m: r["name"], True),
+    ("format", lambda r, m: r["format"], True),
+    ("target", lambda r, m: r["target"], True),
+    ("MiB", lambda r, m: _fmt(r["size_bytes"] / 2**20, ".2f"), True),
+    ("bits/w", lambda r, m: _fmt(r["bits_per_weight"], ".2f"), True),
+    ("ppl", lambda r, m: _fmt(m.get("ppl"), ".3f"), True),
+    ("KLD ± se", lambda r, m: _kld(m), True),
+    ("top-1", lambda r, m: _fmt(m.get("top1"), ".3f"), True),
+    ("Δp rms", lambda r, m: _fmt(m.get("delta_p_rms"), ".2g"), False),
+    ("prefill tok/s", lambda r, m: _fmt(m.get("prefill_tps"), ".0f"), False),
+    ("tok/s", lambda r, m: _fmt(m.get("decode_tps"), ".0f"), True),
+    ("× base", lambda r, m: _fmt(m.get("decode_speedup"), ".2f"), True),
+    ("RSS MB", lambda r, m: _fmt(m.get("peak_rss_mb"), ".0f"), False),
+    ("verdict", lambda r, m: r["verdict"], True),
+]
+
+
+def summary_rows(report: dict) -> list[tuple[dict, dict]]:
+    """(row, metrics) per (artifact, target), the baseline first."""
+    rows = []
+    for target, base in report["baseline"]["targets"].items():
+        if base.get("status") == "measured":
+            row = {"name": "baseline", "format": "original", "target": target, "bits_per_weight": None,
+                   "size_bytes": report["baseline"]["size_bytes"], "verdict": "reference"}
+            rows.append((row, base))
+    for variant in report["variants"]:
+        for target, result in variant["targets"].items():
+            verdict = result["status"] + (", released" if variant["released"] and result["status"] == "pass" else "")
+            rows.append(({**variant, "target": target, "verdict": verdict}, result["metrics"]))
+    return rows
+
+
+def render_markdown(report: dict) -> str:
+    header = [name for name, _, _ in COLUMNS]
+    lines = [
+        f"# {report['recipe']}: compression report",
+        "",
+        f"Model `{report['model']}` ({report['model_parameters'] / 1e6:.1f}M parameters). "
+        f"Evaluation: {report['evaluation']['windows']} windows × {report['evaluation']['seq_len']} tokens of "
+        f"`{report['evaluation']['dataset']}`; every figure was measured on the exported artifact loaded from disk "
+        "in its own runtime, each in its own process.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for row, metrics in summary_rows(report):
+        lines.append("| " + " | ".join(cell(row, metrics).replace("|", "\\|") for _, cell, _ in COLUMNS) + " |")
+    lines += ["", f"- {report['kld_note']}", "- ± is one standard error over evaluation windows.",
+              "- Decode and prefill speeds: one warm-up, then the median of "
+              f"{report['evaluation']['speed_runs']} runs of {report['evaluation']['new_tokens']} new tokens after a "
+              f"{report['evaluation']['prompt_tokens']}-token prompt; greedy. Speedup is decode tok/s over the "
+              "baseline's on the same target."]
+    lines += ["", "## Verdicts", ""] + [f"- {line}" for line in verdict_lines(report)]
+    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+    lines += ["", f"Versions: {versions}.", ""]
+    return "\n".join(lines)
+
+
+def verdict_lines(report: dict) -> list[str]:
+    """One sentence per artifact: where it was released, or every reason it was not."""
+    lines = []
+    for variant in report["variants"]:
+        label = f"{variant['name']} ({variant['format']})"
+        if variant["released"]:
+            lines.append(f"{label}: released to {variant['path']}")
+        else:
+            lines.append(f"{label}: not released: " + "; ".join(variant["not_released_because"]))
+        for target, result in variant["targets"].items():
+            if result["status"] == "not-verified":
+                lines.append(f"{label} on {target}: not verified: " + "; ".join(result["failures"]))
+    return lines
+
+
+def print_summary(report: dict, console: Console) -> None:
+    table = Table(title=f"{report['recipe']} — {report['model']}", header_style="bold")
+    shown = [(name, cell) for name, cell, terminal in COLUMNS if terminal]
+    for name, _ in shown:
+        table.add_column(name, no_wrap=name not in ("variant", "format"))
+    for row, metrics in summary_rows(report):
+        verdict = row["verdict"]
+        style = "green" if verdict.startswith("pass") else ("red" if verdict.startswith("fail") else "yellow")
+        table.add_row(*(cell(row, metrics) for _, cell in shown), style=style if row["name"] != "baseline" else None)
+    console.print(table)
+    for line in verdict_lines(report):
+        console.print(f"  {line}", highlight=False, soft_wrap=True)
+
+
+def write_report(out: Path, recipe, info, baseline, outcomes, context, console: Console) -> dict:
+    report = build_report(out, recipe, info, baseline, outcomes, context)
+    write_json_atomic(out / "report.json", report)
+    (out / "report.md").write_text(render_markdown(report))
+    print_summary(report, console)
+    return report

@@ -1,0 +1,86 @@
+"""Measure one model folder on one target in a process of its own.
+
+    python -m compress.verify.worker JOB.json
+
+Each artifact (and the baseline) is loaded from disk and run here alone, so its peak memory is its own
+and nothing of the parent's models leaks into its figures. The job names the folder, runtime, target,
+token windows and reference; the result JSON holds accuracy, speed and memory figures.
+With `write_reference` set (the baseline), the top-k reference is written instead of scored against.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from compress.verify.accuracy import Reference, make_reference, perplexity, position_figures, summarise
+from compress.verify.speed import measure_speed
+from compress.verify.targets import device_for, prepare
+
+
+def _runtime(name: str, folder: Path, device: str):
+    from compress.runtimes.torch_hf import TorchRuntime
+
+    runtimes = {"transformers": TorchRuntime}
+    return runtimes[name](folder, device)
+
+
+def _stack(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {key: np.stack([part[key] for part in parts]) for key in parts[0]}
+
+
+def run_job(job: dict) -> dict:
+    described = prepare(job["target"])
+    started = time.perf_counter()
+    runtime = _runtime(job["runtime"], Path(job["artifact"]), device_for(job["target"]))
+    load_seconds = time.perf_counter() - started
+    data = np.load(job["windows"])
+    windows, prompt = data["windows"], data["prompt"]
+    targets = windows[:, 1:]
+
+    started = time.perf_counter()
+    if job.get("write_reference"):
+        parts = [
+            make_reference(logprobs, target, job["top_k"]).as_arrays()
+            for logprobs, target in zip(runtime.window_logprobs(windows), targets, strict=True)
+        ]
+        reference = Reference(**_stack(parts))
+        np.savez(job["write_reference"], **reference.as_arrays())
+        ppl, nll_se = perplexity(reference.target_logprobs)
+        metrics = {"ppl": ppl, "nll_se": nll_se}
+    else:
+        with np.load(job["reference"]) as stored:
+            reference = Reference(**{key: stored[key] for key in ("top_ids", "top_logprobs", "target_logprobs")})
+        parts = []
+        for index, logprobs in enumerate(runtime.window_logprobs(windows)):
+            parts.append(position_figures(reference.window(index), logprobs, targets[index]))
+        metrics = summarise(reference, _stack(parts))
+    eval_seconds = time.perf_counter() - started
+
+    speed, generated = measure_speed(runtime, prompt, job["new_tokens"], job["speed_runs"])
+    metrics.update(speed)
+    metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    device_peak = runtime.peak_device_memory_mb()
+    if device_peak is not None:
+        metrics["peak_vram_mb"] = device_peak
+    return {
+        "metrics": metrics,
+        "generated": generated,
+        "environment": described,
+        "seconds": {"load": load_seconds, "evaluate": eval_seconds},
+    }
+
+
+def main() -> None:
+    job = json.loads(Path(sys.argv[1]).read_text())
+    result = run_job(job)
+    Path(job["result"]).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

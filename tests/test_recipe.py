@@ -1,0 +1,101 @@
+"""Recipe validation: each kind of mistake gets its own sentence with file:line and exit code 2, via the CLI."""
+
+import pytest
+import yaml
+from conftest import DEMO_RECIPE, ROOT, run_cli
+
+from compress.recipe import load_recipe, parse_recipe
+
+GOOD = """\
+name: t
+model: builtin:tiny-phi4-mini
+gates:
+  max_kld: 0.05
+variants:
+  - name: a
+    method: gptq
+    bits: 4
+    group_size: 128
+"""
+
+MISTAKES = [
+    # (description, replace this, with this, expected message)
+    ("bits out of range", "bits: 4", "bits: 5", "recipe.yaml:8: variants[0].bits: must be one of 2, 3, 4, 8"),
+    ("unknown key", "bits: 4", "bits: 4\n    colour: red", "recipe.yaml:9: variants[0].colour: unknown key"),
+    ("wrong type", "bits: 4", "bits: four", "recipe.yaml:8: variants[0].bits: input should be a valid integer"),
+    ("malformed YAML", "max_kld: 0.05", "max_kld: [0.05", "recipe.yaml:5: not valid YAML"),
+    ("missing model", "model: builtin:tiny-phi4-mini\n", "", "recipe.yaml:1: model: required but missing"),
+    ("unknown method", "method: gptq", "method: magic", "recipe.yaml:7: variants[0].method: must be one of gptq"),
+    ("group size", "group_size: 128", "group_size: 100", "recipe.yaml:9: variants[0].group_size: must be a power of two"),
+    ("format for method", "bits: 4", "bits: 4\n    formats: [onnx]", "method gptq cannot write 'onnx'"),
+    ("unknown target", "gates:", "targets: {tpu: {required: true}}\ngates:", "recipe.yaml:3: targets: unknown target 'tpu'"),
+    ("negative gate", "max_kld: 0.05", "max_kld: -1", "recipe.yaml:4: gates.max_kld: input should be greater than or equal to 0"),
+    ("empty variants", "variants:\n  - name: a\n    method: gptq\n    bits: 4\n    group_size: 128\n", "variants: []\n",
+     "recipe.yaml:5: variants: list at least one variant"),
+    ("duplicate names", "    group_size: 128\n", "    group_size: 128\n  - name: a\n    method: gptq\n",
+     "variants: variant name 'a' is used twice"),
+]
+
+
+@pytest.mark.parametrize("description, old, new, expected", MISTAKES, ids=[m[0] for m in MISTAKES])
+def test_each_mistake_has_its_own_message(description, old, new, expected, write_recipe):
+    assert old in GOOD
+    path = write_recipe(GOOD.replace(old, new))
+    with pytest.raises(ValueError) as caught:
+        load_recipe(path)
+    assert expected in str(caught.value).replace(str(path.parent) + "/", "")
+
+
+def test_cli_gives_one_sentence_and_exit_2_without_loading_a_model(write_recipe):
+    path = write_recipe(GOOD.replace("bits: 4", "bits: 5"))
+    for command in ("validate", "run"):
+        result = run_cli(command, str(path))
+        assert result.returncode == 2, result.stderr
+        output = (result.stdout + result.stderr).strip()
+        assert output == f"error: {path}:8: variants[0].bits: must be one of 2, 3, 4, 8"
+        assert "Traceback" not in output
+
+
+def test_cli_refuses_missing_recipe_and_missing_model(tmp_path, write_recipe):
+    result = run_cli("run", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2 and "does not exist" in result.stdout
+    path = write_recipe(GOOD.replace("builtin:tiny-phi4-mini", str(tmp_path / "no-model")))
+    result = run_cli("run", str(path), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout.strip() == f"error: model folder {tmp_path / 'no-model'} does not exist"
+
+
+def test_cli_refuses_a_non_phi3_model_before_loading_weights(tmp_path, write_recipe):
+    model = tmp_path / "llama"
+    model.mkdir()
+    (model / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
+    path = write_recipe(GOOD.replace("builtin:tiny-phi4-mini", str(model)))
+    result = run_cli("run", str(path), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "is a LlamaForCausalLM model; compress handles Phi-3-architecture" in result.stdout
+    assert not (tmp_path / "out" / "release").exists()
+
+
+def test_group_size_that_does_not_divide_the_model_is_refused_in_preflight(tmp_path, write_recipe):
+    path = write_recipe(GOOD.replace("group_size: 128", "group_size: 256"))
+    result = run_cli("run", str(path), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "variants[0].group_size: 256 does not divide the model's hidden_size 128" in result.stdout
+
+
+def test_shipped_recipes_are_valid():
+    recipes = sorted((ROOT / "recipes").glob("*.yaml"))
+    assert DEMO_RECIPE in recipes and len(recipes) >= 3
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert recipe.variants
+    models = {load_recipe(p).model for p in recipes}
+    assert {"microsoft/Phi-4-mini-instruct", "microsoft/phi-4"} <= models
+
+
+def test_per_variant_gates_override_only_what_they_set():
+    recipe = parse_recipe(GOOD.replace("group_size: 128", "group_size: 128\n    gates: {max_kld: 0.01}"))
+    gates = recipe.gates_for(recipe.variants[0])
+    assert gates.max_kld == 0.01
+    assert recipe.gates.max_kld == 0.05
+    assert yaml.safe_load(GOOD)["gates"]["max_kld"] == 0.05
