@@ -69,11 +69,14 @@ def kld_topk(reference: Reference, logprobs: np.ndarray) -> np.ndarray:
     return np.maximum(kl + tail, 0.0)
 
 
+def standard_error(samples: np.ndarray) -> float:
+    """std / sqrt(n) of per-window samples; NaN with fewer than two windows."""
+    return float(samples.std(ddof=1) / np.sqrt(len(samples))) if len(samples) > 1 else float("nan")
+
+
 def window_stats(per_position: np.ndarray) -> tuple[float, float]:
     """Mean over all positions and its standard error over windows (each window's mean is one sample)."""
-    window_means = per_position.mean(axis=-1)
-    se = window_means.std(ddof=1) / np.sqrt(len(window_means)) if len(window_means) > 1 else float("nan")
-    return float(per_position.mean()), float(se)
+    return float(per_position.mean()), standard_error(per_position.mean(axis=-1))
 
 
 def perplexity(target_logprobs: np.ndarray) -> tuple[float, float]:
@@ -115,7 +118,7 @@ def summarise(reference: Reference, figures: dict[str, np.ndarray]) -> dict[str,
         "top1": top1,
         "top1_se": top1_se,
         "delta_p_rms": float(np.sqrt((delta_p**2).mean())),
-        "delta_p_rms_se": float(rms_per_window.std(ddof=1) / np.sqrt(len(rms_per_window))),
+        "delta_p_rms_se": standard_error(rms_per_window),
         "delta_p_p99": float(np.quantile(np.abs(delta_p), 0.99)),
     }
 
