@@ -13,6 +13,7 @@ from rich.console import Console
 from compress.data import DataError
 from compress.model import ModelError
 from compress.recipe import RecipeError, load_recipe
+from compress.verify.isolated import MeasurementError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize Phi-4-family checkpoints, verify every artifact in its runtime, release what passes.")
@@ -43,6 +44,8 @@ def run(
         report = run_pipeline(parsed, str(recipe), out, model, console)
     except BAD_INPUT as error:
         _fail(str(error))
+    except MeasurementError as error:  # the original model itself would not run: nothing to compare against
+        _fail(f"the baseline could not be measured: {error}", 1)
     except KeyboardInterrupt:
         _fail("interrupted; completed stages are kept in the run folder", 130)
     released = [v for v in report["variants"] if v["released"]]
