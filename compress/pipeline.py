@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +15,8 @@ import psutil
 from rich.console import Console
 
 from compress.data import array_hash, calibration_samples, evaluation_windows, load_documents, token_stream
-from compress.export.compressed_tensors import EXPORTERS
 from compress.model import ModelError, ModelInfo, estimate_memory, inspect_model
-from compress.quantize.llmc import QUANTIZERS
-from compress.quiet import library_output_to
+from compress.produce import produce
 from compress.recipe import Recipe, Variant
 from compress.release import build_manifest, package_versions, release, write_json_atomic
 from compress.report import write_report
@@ -27,10 +24,8 @@ from compress.results import FAIL, NOT_VERIFIED, PASS, Artifact, Outcome, Verdic
 from compress.ui import progress_bar, stage
 from compress.verify.gates import check_gates
 from compress.verify.isolated import MeasurementError, measure_in_subprocess
-from compress.verify.size import bits_per_weight, folder_bytes, read_tensors
+from compress.verify.size import folder_bytes
 from compress.verify.targets import availability, free_device_memory
-
-RUNTIME_OF_FORMAT = {"compressed-tensors": "transformers"}
 
 
 @dataclass(frozen=True)
@@ -129,35 +124,21 @@ def evaluate_baseline(recipe: Recipe, info: ModelInfo, data: RunData, run_dir: P
     return Baseline(folder_bytes(info.path), results, references, missing)
 
 
-def quantize_and_export(variant: Variant, info: ModelInfo, data: RunData, run_dir: Path) -> list[Artifact]:
-    """Calibrate once, then write every format the variant asks for into staging/."""
-    log = run_dir / "logs" / f"{variant.name}.log"
-    with library_output_to(log):
-        model, tokenizer, details = QUANTIZERS[variant.method](info.path, variant, data.samples)
-        for fmt in variant.formats:
-            folder = run_dir / "staging" / variant.name / fmt
-            shutil.rmtree(folder, ignore_errors=True)
-            EXPORTERS[fmt](model, tokenizer, info.path, folder)
-    details = {**details, "log": str(log)}
-    artifacts = []
-    for fmt in variant.formats:
-        folder = run_dir / "staging" / variant.name / fmt
-        artifacts.append(
-            Artifact(variant.name, variant.method, fmt, folder, RUNTIME_OF_FORMAT[fmt], folder_bytes(folder),
-                     bits_per_weight(read_tensors(folder)), details)
-        )
-    return artifacts
-
-
 def verify_artifact(recipe: Recipe, variant: Variant, artifact: Artifact, baseline: Baseline, data: RunData, run_dir: Path) -> dict[str, Verdict]:
     """Load the exported artifact back from disk on each target, measure it, and check the gates."""
     gates = recipe.gates_for(variant).model_dump()
+    runtime = "transformers" if artifact.runtime == "transformers" else "onnxruntime-genai"
     verdicts = {}
     for target in recipe.targets:
-        if target in baseline.missing:
-            verdicts[target] = Verdict(target, NOT_VERIFIED, {}, [baseline.missing[target]])
+        if target in artifact.skipped:
+            status, why = artifact.skipped[target]
+            verdicts[target] = Verdict(target, status, {}, [why])
             continue
-        job = {**_job(recipe, artifact.path, artifact.runtime, target, data), "reference": str(baseline.references[target])}
+        missing = baseline.missing.get(target) or availability(target, runtime)
+        if missing:
+            verdicts[target] = Verdict(target, NOT_VERIFIED, {}, [missing])
+            continue
+        job = {**_job(recipe, artifact.runnable or artifact.path, runtime, target, data), "reference": str(baseline.references[target])}
         try:
             result = measure_in_subprocess(job, run_dir / "work" / variant.name / artifact.format, target)
         except MeasurementError as error:
@@ -216,7 +197,7 @@ def run(recipe: Recipe, recipe_path: str, out: Path, model_spec: str | None = No
         ) + "".join(f"; {target}: not verified ({why})" for target, why in baseline.missing.items()))
 
     context = {
-        "recipe": recipe.model_dump(mode="json"),
+        "recipe": recipe.model_dump(mode="json", by_alias=True),
         "recipe_sha256": recipe.digest(),
         "recipe_path": recipe_path,
         "model": {"spec": info.spec, "path": str(info.path), "fingerprint": model_fingerprint(info), "parameters": info.parameters},
@@ -229,7 +210,7 @@ def run(recipe: Recipe, recipe_path: str, out: Path, model_spec: str | None = No
             task = bar.add_task("variants", total=len(recipe.variants))
             for variant in recipe.variants:
                 bar.update(task, description=f"{variant.name}: quantizing ({variant.method})")
-                artifacts = quantize_and_export(variant, info, data, out)
+                artifacts = produce(variant, recipe, info, data.samples, out)
                 for artifact in artifacts:
                     bar.update(task, description=f"{variant.name}: verifying {artifact.format}")
                     verdicts = verify_artifact(recipe, variant, artifact, baseline, data, out)

@@ -11,14 +11,36 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-METHODS = ("gptq",)
-FORMATS_BY_METHOD = {"gptq": ("compressed-tensors",)}
+# method -> formats it can write; the first is the default.
+FORMATS_BY_METHOD = {
+    "gptq": ("compressed-tensors", "gptq", "awq"),
+    "awq": ("compressed-tensors", "awq", "gptq"),
+    "rtn": ("compressed-tensors", "gptq", "awq"),
+    "onnx-int4": ("onnx",),
+    "onnx-int8": ("onnx",),
+    "onnx-int8-dynamic": ("onnx",),
+}
+METHODS = tuple(FORMATS_BY_METHOD)
+ONNX_METHODS = ("onnx-int4", "onnx-int8", "onnx-int8-dynamic")
+ONNX_BITS = {"onnx-int4": 4, "onnx-int8": 8, "onnx-int8-dynamic": 8}
+CALIBRATED_METHODS = ("gptq", "awq", "rtn")  # their integer weights can be carried into ONNX with `from:`
 TARGETS = ("cpu", "cuda")
 BITS = (2, 3, 4, 8)
+ONNX_ALGORITHMS = ("default", "rtn", "k_quant")
+# Kept at higher precision: lm_head and embeddings at 8 bits and mlp.down_proj at 8 bits, the fixes reported
+# for degenerate int4 Phi-4-mini output (see DEPENDENCIES.md).
+PRESETS = {
+    "phi4-safe": [
+        {"match": r"(^|\.)lm_head$", "bits": 8},
+        {"match": r"embed_tokens$", "bits": 8},
+        {"match": r"mlp\.down_proj$", "bits": 8},
+    ],
+}
 
 
 class RecipeError(ValueError):
@@ -64,16 +86,48 @@ class Gates(Strict):
         return self.model_copy(update=override.model_dump(exclude_unset=True))
 
 
+class Override(Strict):
+    """Layers whose name matches `match` (a regular expression, searched) get `bits` instead; first match wins."""
+
+    match: str
+    bits: Literal[8, 16, "skip"]
+
+    @field_validator("match")
+    @classmethod
+    def valid_regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"{value!r} is not a valid regular expression: {error}") from None
+        return value
+
+
 class Variant(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     method: str
     bits: int = 4
-    group_size: int = 128
+    group_size: int = 128  # for ONNX methods: the builder's block size
     symmetric: bool = True
     ignore: list[str] = ["lm_head"]
-    formats: list[str] = ["compressed-tensors"]
+    formats: list[str] = []  # default: the method's first format
     dampening: float = Field(0.01, gt=0, lt=1)  # GPTQ: fraction of the Hessian's mean diagonal added
+    n_grid: int = Field(20, ge=1, le=100)  # AWQ: scales tried per mapping (its search cost)
+    accuracy_level: int = Field(4, ge=0, le=4)  # ONNX: MatMulNBits compute type (4 int8, 1 fp32, 0 EP default)
+    algorithm: str = "default"  # ONNX builder's own weight algorithm: default, rtn, k_quant
+    from_: str | None = Field(None, alias="from")  # ONNX int4: carry this earlier variant's integer weights
+    overrides: list[Override] = []
+    preset: Literal["phi4-safe"] | None = None
     gates: Gates | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @property
+    def is_onnx(self) -> bool:
+        return self.method in ONNX_METHODS
+
+    def layer_overrides(self) -> list[Override]:
+        """The variant's own overrides, then its preset's: first match wins."""
+        return list(self.overrides) + [Override(**rule) for rule in PRESETS.get(self.preset or "", [])]
 
     @field_validator("method")
     @classmethod
@@ -107,14 +161,45 @@ class Variant(Strict):
                     raise ValueError(f"{pattern!r} is not a valid regular expression: {error}") from None
         return value
 
+    @field_validator("algorithm")
+    @classmethod
+    def known_algorithm(cls, value: str) -> str:
+        if value not in ONNX_ALGORITHMS:
+            raise ValueError(f"must be one of {', '.join(ONNX_ALGORITHMS)}")
+        return value
+
     @model_validator(mode="after")
-    def formats_fit_method(self) -> Variant:
-        if not self.formats:
-            raise ValueError("formats: list at least one format")
+    def consistent(self) -> Variant:
         allowed = FORMATS_BY_METHOD[self.method]
+        if "formats" in self.model_fields_set and not self.formats:
+            raise ValueError("formats: list at least one format")
+        if not self.formats:
+            object.__setattr__(self, "formats", [allowed[0]])
         for index, fmt in enumerate(self.formats):
             if fmt not in allowed:
                 raise ValueError(f"formats[{index}]: method {self.method} cannot write {fmt!r}; it writes {', '.join(allowed)}")
+        if "awq" in self.formats and self.bits != 4:
+            raise ValueError(f"formats: the awq format holds 4-bit weights only, not {self.bits}-bit")
+        if self.is_onnx:
+            implied = ONNX_BITS[self.method]
+            if "bits" in self.model_fields_set and self.bits != implied:
+                raise ValueError(f"bits: method {self.method} quantizes to {implied} bits, not {self.bits}")
+            object.__setattr__(self, "bits", implied)
+            if self.group_size not in (16, 32, 64, 128, 256) and self.method != "onnx-int8-dynamic":
+                raise ValueError(f"group_size: the ONNX builder's block size must be 16, 32, 64, 128 or 256, not {self.group_size}")
+            if any(rule.bits == 8 and not _only_lm_head(rule.match) for rule in self.layer_overrides()):
+                raise ValueError(
+                    "overrides: the ONNX builder can keep only lm_head at 8 bits; "
+                    "use bits: 16 (or skip) to keep other layers unquantized"
+                )
+        else:
+            for field in ("from_", "accuracy_level", "algorithm"):
+                if field in self.model_fields_set:
+                    raise ValueError(f"{field.rstrip('_')}: only ONNX methods take this option, not {self.method}")
+        if self.from_ is not None and self.method != "onnx-int4":
+            raise ValueError(f"from: only onnx-int4 can carry an earlier variant's weights, not {self.method}")
+        if self.n_grid != 20 and self.method != "awq":
+            raise ValueError(f"n_grid: only awq searches a grid, not {self.method}")
         return self
 
 
@@ -149,12 +234,41 @@ class Recipe(Strict):
             seen.add(variant.name)
         return value
 
+    @model_validator(mode="after")
+    def sources_exist(self) -> Recipe:
+        earlier: dict[str, Variant] = {}
+        for index, variant in enumerate(self.variants):
+            if variant.from_ is not None:
+                source = earlier.get(variant.from_)
+                if source is None:
+                    raise ValueError(f"variants[{index}].from: no earlier variant is named {variant.from_!r}")
+                if source.method not in CALIBRATED_METHODS or source.bits != 4:
+                    raise ValueError(
+                        f"variants[{index}].from: {variant.from_!r} is {source.method} at {source.bits} bits; "
+                        "only 4-bit gptq, awq or rtn weights can go into an ONNX int4 graph"
+                    )
+                if source.layer_overrides() or variant.layer_overrides():
+                    raise ValueError(f"variants[{index}].from: per-layer overrides cannot be carried into ONNX yet")
+            earlier[variant.name] = variant
+        return self
+
     def gates_for(self, variant: Variant) -> Gates:
         return self.gates.merged(variant.gates)
 
     def digest(self) -> str:
         """sha256 of the resolved recipe, so a manifest names exactly what produced it."""
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True).encode()).hexdigest()
+
+
+# Canonical layer names of a Phi-3 block, to tell statically what an override's pattern reaches.
+_PHI3_LAYER_NAMES = (
+    "model.layers.0.self_attn.qkv_proj", "model.layers.0.self_attn.o_proj",
+    "model.layers.0.mlp.gate_up_proj", "model.layers.0.mlp.down_proj", "model.embed_tokens",
+)
+
+
+def _only_lm_head(pattern: str) -> bool:
+    return bool(re.search(pattern, "lm_head")) and not any(re.search(pattern, name) for name in _PHI3_LAYER_NAMES)
 
 
 def _line_of(node: yaml.Node, location: tuple) -> int:

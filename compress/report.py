@@ -29,6 +29,11 @@ def build_report(out: Path, recipe, info, baseline, outcomes, context) -> dict:
             "bits_per_weight": artifact.bits["bits_per_weight"],
             "bits_per_weight_all": artifact.bits["bits_per_weight_all"],
             "quantize_seconds": artifact.details.get("seconds"),
+            "layer_bits": artifact.details.get("layer_bits"),
+            "layer_plan": artifact.details.get("layer_plan"),
+            "from": artifact.details.get("from"),
+            "awq_skipped_mappings": artifact.details.get("awq", {}).get("skipped"),
+            "builder_options": artifact.details.get("builder_options"),
             "targets": {
                 target: {"status": verdict.status, "failures": verdict.failures, "metrics": verdict.metrics,
                          "environment": verdict.environment}
@@ -58,7 +63,7 @@ def build_report(out: Path, recipe, info, baseline, outcomes, context) -> dict:
 
 
 def _fmt(value, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
+    return "—" if value is None or value != value else format(value, spec)
 
 
 def _kld(metrics: dict) -> str:
@@ -95,6 +100,8 @@ def summary_rows(report: dict) -> list[tuple[dict, dict]]:
             rows.append((row, base))
     for variant in report["variants"]:
         for target, result in variant["targets"].items():
+            if result["status"] == "not-applicable":
+                continue
             verdict = result["status"] + (", released" if variant["released"] and result["status"] == "pass" else "")
             rows.append(({**variant, "target": target, "verdict": verdict}, result["metrics"]))
     return rows
@@ -121,9 +128,25 @@ def render_markdown(report: dict) -> str:
               f"{report['evaluation']['prompt_tokens']}-token prompt; greedy. Speedup is decode tok/s over the "
               "baseline's on the same target."]
     lines += ["", "## Verdicts", ""] + [f"- {line}" for line in verdict_lines(report)]
+    lines += plan_lines(report)
     versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
     lines += ["", f"Versions: {versions}.", ""]
     return "\n".join(lines)
+
+
+def plan_lines(report: dict) -> list[str]:
+    """The per-layer precision of each variant whose layers do not all share one bit width."""
+    lines = []
+    seen = set()
+    for variant in report["variants"]:
+        plan = variant.get("layer_plan") or {}
+        if variant["name"] in seen or len(set(plan.values())) < 2:
+            continue
+        seen.add(variant["name"])
+        counts = ", ".join(f"{count} at {bits} bits" for bits, count in (variant.get("layer_bits") or {}).items())
+        lines += ["", f"### Layer plan of {variant['name']} ({counts}; 16 = kept in floating point)", ""]
+        lines += [f"- `{layer}`: {bits}" for layer, bits in plan.items()]
+    return (["", "## Per-layer precision"] + lines) if lines else []
 
 
 def verdict_lines(report: dict) -> list[str]:
@@ -138,6 +161,11 @@ def verdict_lines(report: dict) -> list[str]:
         for target, result in variant["targets"].items():
             if result["status"] == "not-verified":
                 lines.append(f"{label} on {target}: not verified: " + "; ".join(result["failures"]))
+        if variant.get("awq_skipped_mappings"):
+            lines.append(f"{label}: AWQ skipped {len(variant['awq_skipped_mappings'])} mapping(s): "
+                         + "; ".join(variant["awq_skipped_mappings"]))
+        if variant.get("from"):
+            lines.append(f"{label}: weights are the {variant['from']}")
     return lines
 
 

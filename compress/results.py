@@ -5,19 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PASS, FAIL, NOT_VERIFIED = "pass", "fail", "not-verified"
+PASS, FAIL, NOT_VERIFIED, NOT_APPLICABLE = "pass", "fail", "not-verified", "not-applicable"
 
 
 @dataclass(frozen=True)
 class Artifact:
     variant: str
     method: str
-    format: str  # "compressed-tensors" (later "gptq" | "awq" | "onnx")
+    format: str  # "compressed-tensors" | "gptq" | "awq" | "onnx" | "onnx-cuda"
     path: Path  # staging folder; the release folder once released
-    runtime: str  # how it is loaded and run: "transformers"
+    runtime: str  # how it is loaded and run: "transformers" | "onnxruntime-genai" (or a sentence saying how)
     size_bytes: int
     bits: dict[str, float]  # bits_per_weight, bits_per_weight_all
-    details: dict = field(default_factory=dict)  # what quantization reported (time, logs)
+    details: dict = field(default_factory=dict)  # what quantization decided (layer plan, AWQ mappings, time, log)
+    runnable: Path | None = None  # the folder the runtime loads: `path`, or an ONNX build made from it
+    skipped: dict[str, tuple[str, str]] = field(default_factory=dict)  # target -> (status, why) where not run
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-# compressed-tensors stores a quantized Linear as these tensors beside each other.
-QUANTIZED_PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx")
+# How checkpoints store a quantized Linear: compressed-tensors (weight_packed + weight_shape) and the
+# AutoGPTQ / AutoAWQ layouts (qweight packed 32/bits values per int32, with qzeros, scales, g_idx).
+QUANTIZED_PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "qweight", "qzeros", "scales", "g_idx")
 NOT_COUNTED = {"manifest.json", "verdict.json"}
 
 
@@ -16,17 +17,18 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name not in NOT_COUNTED)
 
 
-def bits_per_weight(tensors: dict[str, np.ndarray | tuple[int, int]]) -> dict[str, float]:
+def bits_per_weight(tensors: dict[str, np.ndarray | tuple[int, int]], packed_bits: int | None = None) -> dict[str, float]:
     """Bits per weight from {name: array} (or {name: (numel, nbytes)}) of a checkpoint's tensors.
 
-    Quantized layers are those with a `weight_packed` tensor; their weight count comes from
-    `weight_shape`. -> {"bits_per_weight": quantized layers only, "bits_per_weight_all": whole model}.
+    Quantized layers are those with a `weight_packed` tensor (weight count from `weight_shape`) or a
+    `qweight` tensor (weight count = its int32 count × 32 / packed_bits).
+    -> {"bits_per_weight": quantized layers only, "bits_per_weight_all": whole model}.
     """
 
     def numel_bytes(value) -> tuple[int, int]:
         return (int(value.size), int(value.nbytes)) if isinstance(value, np.ndarray) else value
 
-    layers = {name.rsplit(".", 1)[0] for name in tensors if name.endswith(".weight_packed")}
+    layers = {name.rsplit(".", 1)[0] for name in tensors if name.endswith((".weight_packed", ".qweight"))}
     quantized_weights = quantized_bytes = other_params = other_bytes = 0
     for name, value in tensors.items():
         prefix, _, part = name.rpartition(".")
@@ -36,6 +38,10 @@ def bits_per_weight(tensors: dict[str, np.ndarray | tuple[int, int]]) -> dict[st
                 quantized_bytes += size
             if part == "weight_shape":
                 quantized_weights += int(np.prod(value))
+            elif part == "qweight":
+                if packed_bits is None:
+                    raise ValueError("a qweight checkpoint needs its bit width to count its weights")
+                quantized_weights += count * 32 // packed_bits
         else:
             other_params += count
             other_bytes += size
@@ -45,6 +51,14 @@ def bits_per_weight(tensors: dict[str, np.ndarray | tuple[int, int]]) -> dict[st
         "bits_per_weight_all": 8 * (quantized_bytes + other_bytes) / total_params if total_params else float("nan"),
         "quantized_weights": float(quantized_weights),
     }
+
+
+def checkpoint_bits(folder: Path) -> dict[str, float]:
+    """bits_per_weight of a safetensors checkpoint folder, any of the layouts above."""
+    import json
+
+    config = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    return bits_per_weight(read_tensors(folder), config.get("bits"))
 
 
 def read_tensors(folder: Path) -> dict[str, np.ndarray | tuple[int, int]]:
@@ -67,3 +81,58 @@ def read_tensors(folder: Path) -> dict[str, np.ndarray | tuple[int, int]]:
 
 def _dtype_bytes(dtype: str) -> int:
     return {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}[dtype]
+
+
+def onnx_bits_per_weight(initializers: dict[str, tuple[int, int]], nodes: list[tuple[str, list[str], dict]]) -> dict[str, float]:
+    """Bits per weight of an ONNX graph from {initializer: (numel, nbytes)} and [(op_type, inputs, attributes)].
+
+    Quantized layers: MatMulNBits (weights K×N; B, scales, zero points, g_idx stored), MatMulInteger from
+    quantize_dynamic (int8 B with its `_scale` / `_zero_point`) and GatherBlockQuantized (embeddings).
+    """
+    quantized_weights = quantized_bytes = 0
+    counted: set[str] = set()
+
+    def take(names) -> int:
+        present = [n for n in names if n in initializers and n not in counted]
+        counted.update(present)
+        return sum(initializers[n][1] for n in present)
+
+    for op_type, inputs, attributes in nodes:
+        if op_type == "MatMulNBits":
+            quantized_weights += int(attributes["K"]) * int(attributes["N"])
+            quantized_bytes += take(inputs[1:5])
+        elif op_type == "MatMulInteger" and len(inputs) > 1 and inputs[1] in initializers:
+            weight = inputs[1]
+            base = weight.removesuffix("_quantized")
+            quantized_weights += initializers[weight][0]
+            quantized_bytes += take([weight, base + "_scale", base + "_zero_point", *inputs[3:4]])
+        elif op_type == "GatherBlockQuantized" and inputs[0] in initializers:
+            bits = int(attributes.get("bits", 4))
+            quantized_weights += initializers[inputs[0]][1] * 8 // bits
+            quantized_bytes += take([inputs[0], *inputs[2:4]])
+    other_params = sum(numel for name, (numel, _) in initializers.items() if name not in counted)
+    other_bytes = sum(size for name, (_, size) in initializers.items() if name not in counted)
+    total = quantized_weights + other_params
+    return {
+        "bits_per_weight": 8 * quantized_bytes / quantized_weights if quantized_weights else float("nan"),
+        "bits_per_weight_all": 8 * (quantized_bytes + other_bytes) / total if total else float("nan"),
+        "quantized_weights": float(quantized_weights),
+    }
+
+
+def read_onnx(folder: Path) -> tuple[dict[str, tuple[int, int]], list[tuple[str, list[str], dict]]]:
+    """Initializer sizes and node list of folder/model.onnx, without loading its external data."""
+    import onnx
+
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    initializers = {}
+    for tensor in model.graph.initializer:
+        numel = int(np.prod(tensor.dims)) if tensor.dims else 1
+        if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            nbytes = (numel + 1) // 2
+        else:
+            nbytes = numel * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        initializers[tensor.name] = (numel, nbytes)
+    nodes = [(node.op_type, list(node.input), {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
+             for node in model.graph.node]
+    return initializers, nodes

@@ -10,17 +10,22 @@ import os
 import platform
 
 
-def availability(target: str) -> str | None:
-    """None when `target` can be verified on this machine, else the reason it cannot."""
+def availability(target: str, runtime: str = "transformers") -> str | None:
+    """None when `target` can be verified on this machine in `runtime`, else the reason it cannot."""
     if target == "cpu":
         return None
-    if target == "cuda":
-        import torch
+    if target != "cuda":
+        return f"unknown target {target!r}"
+    import torch
 
-        if not torch.cuda.is_available():
-            return "no CUDA device on this machine"
-        return None
-    return f"unknown target {target!r}"
+    if not torch.cuda.is_available():
+        return "no CUDA device on this machine"
+    if runtime == "onnxruntime-genai":
+        import onnxruntime_genai as og
+
+        if not og.is_cuda_available():
+            return "onnxruntime-genai here has no CUDA provider (install onnxruntime-genai-cuda in a separate environment)"
+    return None
 
 
 def free_device_memory(target: str) -> int | None:
@@ -37,16 +42,20 @@ def device_for(target: str) -> str:
     return {"cpu": "cpu", "cuda": "cuda"}[target]
 
 
-def prepare(target: str) -> dict:
-    """Set up the process for `target` and describe it, so every figure records where it came from."""
-    import torch
+def prepare(target: str, runtime: str) -> dict:
+    """Set up the process for `target` and describe it, so every figure records where it came from.
 
+    torch is imported only for the transformers runtime, so an ONNX artifact's peak memory is its own.
+    """
     threads = int(os.environ.get("COMPRESS_THREADS", os.cpu_count() or 1))
-    torch.set_num_threads(threads)
-    described = {"target": target, "threads": threads, "cpu": _cpu_model(), "machine": platform.machine()}
-    if target == "cuda":
-        described["gpu"] = torch.cuda.get_device_name(0)
-        torch.cuda.reset_peak_memory_stats()
+    described = {"target": target, "runtime": runtime, "threads": threads, "cpu": _cpu_model(), "machine": platform.machine()}
+    if runtime == "transformers":
+        import torch
+
+        torch.set_num_threads(threads)
+        if target == "cuda":
+            described["gpu"] = torch.cuda.get_device_name(0)
+            torch.cuda.reset_peak_memory_stats()
     return described
 
 

@@ -24,10 +24,14 @@ from compress.verify.targets import device_for, prepare
 
 
 def _runtime(name: str, folder: Path, device: str):
+    """Import only the runtime this job needs, so its libraries alone count in the peak memory."""
+    if name == "onnxruntime-genai":
+        from compress.runtimes.ort_genai import GenaiRuntime
+
+        return GenaiRuntime(folder, device)
     from compress.runtimes.torch_hf import TorchRuntime
 
-    runtimes = {"transformers": TorchRuntime}
-    return runtimes[name](folder, device)
+    return TorchRuntime(folder, device)
 
 
 def _stack(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -35,7 +39,7 @@ def _stack(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def run_job(job: dict) -> dict:
-    described = prepare(job["target"])
+    described = prepare(job["target"], job["runtime"])
     started = time.perf_counter()
     runtime = _runtime(job["runtime"], Path(job["artifact"]), device_for(job["target"]))
     load_seconds = time.perf_counter() - started

@@ -1,0 +1,101 @@
+"""ONNX GenAI folders through onnxruntime-genai's model builder (model.onnx, external data, genai_config.json,
+tokenizer), plus int8 dynamic quantization of the builder's fp32 graph.
+
+The builder runs in its own process with its log kept beside the run. It reads the original checkpoint, or
+an AutoGPTQ-format folder (`-i`), whose calibrated integer weights it then carries into MatMulNBits.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+# Hugging Face linear layer (suffix within a block) -> the builder's MatMul node names for it. The builder
+# splits the fused gate_up_proj (and, for some providers, qkv_proj) into separate MatMuls.
+BUILDER_NODES = {
+    "self_attn.qkv_proj": ("attn/qkv_proj/MatMul", "attn/q_proj/MatMul", "attn/k_proj/MatMul", "attn/v_proj/MatMul"),
+    "self_attn.o_proj": ("attn/o_proj/MatMul",),
+    "mlp.gate_up_proj": ("mlp/gate_up_proj/MatMul", "mlp/gate_proj/MatMul", "mlp/up_proj/MatMul"),
+    "mlp.down_proj": ("mlp/down_proj/MatMul",),
+}
+EXECUTION_PROVIDERS = {"cpu": "cpu", "cuda": "cuda"}
+GENAI_SIDE_FILES = ("genai_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                    "special_tokens_map.json", "tokenizer.model", "added_tokens.json")
+
+
+class ExportError(RuntimeError):
+    """An export step failed; the message says which and where its log is."""
+
+
+def phi3_linear_names(config: dict) -> list[str]:
+    """Every linear layer of a Phi-3-architecture model, by its Hugging Face name."""
+    names = [f"model.layers.{i}.{suffix}" for i in range(int(config["num_hidden_layers"])) for suffix in BUILDER_NODES]
+    return names + ["lm_head"]
+
+
+def builder_node_names(layer: str) -> list[str]:
+    """The builder's node names for one Hugging Face linear layer."""
+    if layer == "lm_head":
+        return ["/lm_head/MatMul"]
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", layer)
+    if not match or match.group(2) not in BUILDER_NODES:
+        raise ValueError(f"no ONNX node is known for layer {layer}")
+    return [f"/model/layers.{match.group(1)}/{node}" for node in BUILDER_NODES[match.group(2)]]
+
+
+def builder_options(variant, plan: dict[str, int], exact: bool = False) -> dict[str, str]:
+    """--extra_options for a variant and its layer plan (16 = keep in floating point; lm_head 8 = int8)."""
+    options = {"block_size": str(variant.group_size), "is_symmetric": str(variant.symmetric).lower(),
+               "algo_config": variant.algorithm, "hf_token": "false"}
+    level = 1 if exact else variant.accuracy_level
+    if level:
+        options["accuracy_level"] = str(level)
+    excluded = [node for layer, bits in plan.items() if bits == 16 for node in builder_node_names(layer)]
+    if excluded:
+        options["nodes_to_exclude"] = ",".join(excluded)
+    if plan.get("lm_head") == 8:
+        options["matmul_mixed_precision"] = "last_matmul:int8"
+    return options
+
+
+def run_builder(source: Path, out: Path, precision: str, target: str, options: dict[str, str], cache: Path, log: Path) -> Path:
+    """python -m onnxruntime_genai.models.builder in a process of its own; its output goes to `log`."""
+    shutil.rmtree(out, ignore_errors=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(out),
+               "-p", precision, "-e", EXECUTION_PROVIDERS[target], "-c", str(cache),
+               "--extra_options", *(f"{key}={value}" for key, value in options.items())]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    with log.open("w") as handle:
+        handle.write(" ".join(command) + "\n")
+        handle.flush()
+        completed = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=environment, check=False)
+    if completed.returncode != 0 or not (out / "genai_config.json").is_file():
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        raise ExportError(f"the ONNX builder failed: {lines[-1] if lines else completed.returncode} (log: {log})")
+    return out
+
+
+def quantize_dynamic_int8(fp32_folder: Path, out: Path, excluded_layers: list[str]) -> Path:
+    """int8 weights and activations (MatMulInteger) from the builder's fp32 graph, with its GenAI files."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    model = onnx.load(str(fp32_folder / "model.onnx"))  # with its external data
+    excluded = [node for layer in excluded_layers for node in builder_node_names(layer)]
+    present = {node.name for node in model.graph.node}
+    quantize_dynamic(
+        model, out / "model.onnx", op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
+        nodes_to_exclude=[name for name in excluded if name in present], use_external_data_format=True,
+    )
+    for name in GENAI_SIDE_FILES:
+        if (fp32_folder / name).is_file():
+            shutil.copy2(fp32_folder / name, out / name)
+    return out

@@ -1,0 +1,150 @@
+"""From one variant to its artifacts in staging/: calibrate (or build) once, then write every format.
+
+Calibrated variants (gptq, awq, rtn) are saved once as a compressed-tensors folder under
+work/<variant>/calibrated/ — the search result as data. Every format, and every ONNX variant that names
+this one in `from:`, is written from that folder; nothing is calibrated twice.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from compress.export.compressed_tensors import write_compressed_tensors
+from compress.export.onnx_genai import builder_options, phi3_linear_names, quantize_dynamic_int8, run_builder
+from compress.model import ModelInfo
+from compress.quantize.llmc import QUANTIZERS
+from compress.quantize.plan import KEEP, plan_summary, resolve_plan
+from compress.quiet import library_output_to
+from compress.results import NOT_APPLICABLE, NOT_VERIFIED, Artifact
+from compress.verify.size import checkpoint_bits, folder_bytes, onnx_bits_per_weight, read_onnx
+from compress.verify.targets import availability
+
+ONNX_PRECISION = {"onnx-int4": "int4", "onnx-int8": "int8", "onnx-int8-dynamic": "fp32"}
+# Formats no loader here reads directly: verified through an ONNX build made from the folder (builder -i).
+VIA_ONNX_BUILD = "onnxruntime-genai (ONNX built from this folder; transformers needs gptqmodel to read it, which does not install here)"
+
+
+class Workspace:
+    """Where a run keeps each variant's staging folders, work files and logs."""
+
+    def __init__(self, run_dir: Path, variant: str):
+        self.run_dir, self.variant = run_dir, variant
+
+    def staging(self, fmt: str) -> Path:
+        folder = self.run_dir / "staging" / self.variant / fmt
+        shutil.rmtree(folder, ignore_errors=True)
+        return folder
+
+    def work(self, name: str) -> Path:
+        return self.run_dir / "work" / self.variant / name
+
+    @property
+    def cache(self) -> Path:
+        return self.run_dir / "work" / "builder-cache"
+
+    @property
+    def log(self) -> Path:
+        return self.run_dir / "logs" / f"{self.variant}.log"
+
+
+def calibrated_folder(run_dir: Path, variant: str) -> Path:
+    return run_dir / "work" / variant / "calibrated"
+
+
+def produce(variant, recipe, info: ModelInfo, samples, run_dir: Path) -> list[Artifact]:
+    """Every artifact of `variant`, written into staging/ with what its quantization decided."""
+    space = Workspace(run_dir, variant.name)
+    with library_output_to(space.log):
+        if variant.is_onnx:
+            return _onnx_artifacts(variant, recipe, info, run_dir, space)
+        return _calibrated_artifacts(variant, info, samples, run_dir, space)
+
+
+def _calibrated_artifacts(variant, info: ModelInfo, samples, run_dir: Path, space: Workspace) -> list[Artifact]:
+    model, tokenizer, details = QUANTIZERS[variant.method](info.path, variant, samples)
+    calibrated = calibrated_folder(run_dir, variant.name)
+    shutil.rmtree(calibrated, ignore_errors=True)
+    write_compressed_tensors(model, tokenizer, info.path, calibrated)
+    del model
+    space.work("calibration.json").write_text(json.dumps(details, indent=2))
+    details = {**details, "log": str(space.log)}
+    artifacts = []
+    for fmt in variant.formats:
+        folder = space.staging(fmt)
+        if fmt == "compressed-tensors":
+            shutil.copytree(calibrated, folder)
+            artifacts.append(_artifact(variant, fmt, folder, folder, "transformers", details, {}))
+            continue
+        _writer(fmt)(calibrated, folder)
+        build = run_builder(folder, space.work(f"{fmt}-onnx-cpu"), "int4" if variant.bits == 4 else "int8", "cpu",
+                            _exact_build_options(details["layer_plan"]), space.cache, space.work(f"{fmt}-onnx-cpu.log"))
+        skipped = {"cuda": (NOT_VERIFIED, f"the {fmt} folder is verified through an ONNX build for the CPU only")}
+        artifacts.append(_artifact(variant, fmt, folder, build, VIA_ONNX_BUILD, details, skipped))
+    return artifacts
+
+
+def _writer(fmt: str):
+    if fmt == "gptq":
+        from compress.export.gptq_v1 import write_gptq_v1
+
+        return write_gptq_v1
+    from compress.export.awq_gemm import write_awq_gemm
+
+    return write_awq_gemm
+
+
+def _exact_build_options(plan: dict[str, int]) -> dict[str, str]:
+    """Builder options that carry a pre-quantized folder as it is: fp32 compute, float layers left float."""
+    from compress.export.onnx_genai import builder_node_names
+
+    options = {"accuracy_level": "1", "hf_token": "false"}
+    excluded = [node for layer, bits in plan.items() if bits == KEEP for node in builder_node_names(layer)]
+    if excluded:
+        options["nodes_to_exclude"] = ",".join(excluded)
+    return options
+
+
+def _onnx_artifacts(variant, recipe, info: ModelInfo, run_dir: Path, space: Workspace) -> list[Artifact]:
+    plan = resolve_plan(phi3_linear_names(info.config), variant.bits, list(variant.ignore), variant.layer_overrides())
+    source = info.path
+    details: dict = {"layer_plan": plan, "layer_bits": plan_summary(plan), "log": str(space.log)}
+    if variant.from_:
+        from compress.export.gptq_v1 import write_gptq_v1
+
+        source = write_gptq_v1(calibrated_folder(run_dir, variant.from_), space.work(f"from-{variant.from_}-gptq"))
+        details["from"] = f"integer weights of {variant.from_} (its saved calibration, repacked to GPTQ v1)"
+        source_plan = json.loads((run_dir / "work" / variant.from_ / "calibration.json").read_text())["layer_plan"]
+        plan = {**plan, **{layer: bits for layer, bits in source_plan.items() if bits == KEEP}}
+    options = builder_options(variant, plan)
+    details["builder_options"] = options
+    artifacts = []
+    for target in recipe.targets:
+        fmt = "onnx" if target == "cpu" else f"onnx-{target}"
+        reason = availability(target, "onnxruntime-genai")
+        if reason:
+            details.setdefault("not_built", {})[fmt] = reason
+            continue
+        folder = space.staging(fmt)
+        log = space.work(f"{fmt}-builder.log")
+        if variant.method == "onnx-int8-dynamic":
+            fp32 = run_builder(source, space.work(f"{fmt}-fp32"), "fp32", target, {"hf_token": "false"}, space.cache, log)
+            quantize_dynamic_int8(fp32, folder, [layer for layer, bits in plan.items() if bits == KEEP])
+        else:
+            run_builder(source, folder, ONNX_PRECISION[variant.method], target, options, space.cache, log)
+        others = {t: (NOT_APPLICABLE, f"built for the {target} provider; see its {('onnx' if t == 'cpu' else 'onnx-' + t)} row")
+                  for t in recipe.targets if t != target}
+        artifacts.append(_artifact(variant, fmt, folder, folder, "onnxruntime-genai", details, others))
+    for fmt, reason in details.get("not_built", {}).items():
+        target = fmt.removeprefix("onnx-")
+        for artifact in artifacts:
+            artifact.skipped[target] = (NOT_VERIFIED, f"the {fmt} build was not made: {reason}")
+    return artifacts
+
+
+def _artifact(variant, fmt: str, folder: Path, runnable: Path, runtime: str, details: dict, skipped: dict) -> Artifact:
+    onnx = (runnable / "model.onnx").is_file() and runnable == folder
+    bits = onnx_bits_per_weight(*read_onnx(folder)) if onnx else checkpoint_bits(folder)
+    return Artifact(variant.name, variant.method, fmt, folder, runtime, folder_bytes(folder), bits, details,
+                    runnable=runnable, skipped=dict(skipped))

@@ -1,0 +1,37 @@
+"""The per-layer precision plan: which bits each linear layer gets. Pure; no model needed, only names."""
+
+from __future__ import annotations
+
+import re
+
+KEEP = 16  # "skip" and 16 both mean: left in the model's own floating-point dtype
+
+
+def _ignored(name: str, patterns: list[str]) -> bool:
+    """llm-compressor's ignore convention: `re:PATTERN` is a regex, anything else an exact name or suffix."""
+    for pattern in patterns:
+        if pattern.startswith("re:") and re.search(pattern[3:], name):
+            return True
+        if name == pattern or name.endswith("." + pattern):
+            return True
+    return False
+
+
+def resolve_plan(layer_names: list[str], bits: int, ignore: list[str], overrides: list) -> dict[str, int]:
+    """layer -> bits for every linear layer: ignored layers keep 16, else the first matching override, else `bits`."""
+    plan = {}
+    for name in layer_names:
+        if _ignored(name, ignore):
+            plan[name] = KEEP
+            continue
+        rule = next((rule for rule in overrides if re.search(rule.match, name)), None)
+        plan[name] = bits if rule is None else (KEEP if rule.bits == "skip" else int(rule.bits))
+    return plan
+
+
+def plan_summary(plan: dict[str, int]) -> dict[str, int]:
+    """How many layers get each precision, e.g. {"4": 12, "8": 4, "16": 1}."""
+    counts: dict[str, int] = {}
+    for bits in plan.values():
+        counts[str(bits)] = counts.get(str(bits), 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: int(item[0])))

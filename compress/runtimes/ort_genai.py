@@ -1,0 +1,65 @@
+"""Run an ONNX GenAI folder in onnxruntime-genai: the runtime ONNX artifacts ship for.
+
+Full-sequence logits come from `Generator.get_output("logits")` after `append_tokens`, so perplexity and
+KLD are computed on the ONNX artifact itself. The execution provider comes from verify/targets.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+PROVIDERS = {"cpu": None, "cuda": "cuda"}
+
+
+class GenaiRuntime:
+    name = "onnxruntime-genai"
+
+    def __init__(self, folder: Path, device: str):
+        import onnxruntime_genai as og
+
+        self.og = og
+        config = og.Config(str(folder))
+        config.clear_providers()  # the folder's genai_config may name a provider; the target decides
+        if PROVIDERS[device]:
+            config.append_provider(PROVIDERS[device])
+        self.model = og.Model(config)
+
+    def _generator(self, max_length: int):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=max_length, do_sample=False)
+        return self.og.Generator(self.model, params)
+
+    def window_logprobs(self, windows: np.ndarray) -> Iterator[np.ndarray]:
+        """Next-token log-probs for each window [seq_len] -> [seq_len - 1, V] float32, one window at a time."""
+        for window in windows:
+            generator = self._generator(len(window) + 1)
+            generator.append_tokens(window[None].astype(np.int32))
+            logits = np.asarray(generator.get_output("logits"), dtype=np.float32)[0, :-1]
+            shifted = logits - logits.max(axis=-1, keepdims=True)
+            yield shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+    def timed_generation(self, prompt: np.ndarray, new_tokens: int) -> tuple[float, float, list[int]]:
+        """Greedy decode. -> (prefill seconds, seconds from first to last new token, tokens).
+
+        append_tokens runs the prompt; each generate_next_token picks a token from the logits it has, then
+        runs the model on that token at the next call. So the first pick closes prefill, and the remaining
+        new_tokens - 1 calls are the decode steps, the same count of forward passes as the torch runtime.
+        """
+        generator = self._generator(len(prompt) + new_tokens)
+        start = time.perf_counter()
+        generator.append_tokens(prompt[None].astype(np.int32))
+        generator.generate_next_token()
+        generated = [int(generator.get_next_tokens()[0])]
+        first = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            generator.generate_next_token()
+            generated.append(int(generator.get_next_tokens()[0]))
+        last = time.perf_counter()
+        return first - start, last - first, generated
+
+    def peak_device_memory_mb(self) -> float | None:
+        return None  # onnxruntime-genai does not report it; peak RSS covers the CPU
