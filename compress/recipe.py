@@ -47,6 +47,14 @@ class RecipeError(ValueError):
     """A recipe that cannot be used; str() is the one sentence the user sees."""
 
 
+class LocatedError(Exception):
+    """A cross-field mistake with the recipe location it belongs to; not a ValueError, so pydantic lets it through."""
+
+    def __init__(self, location: tuple, message: str):
+        super().__init__(message)
+        self.location, self.message = location, message
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -178,6 +186,8 @@ class Variant(Strict):
         for index, fmt in enumerate(self.formats):
             if fmt not in allowed:
                 raise ValueError(f"formats[{index}]: method {self.method} cannot write {fmt!r}; it writes {', '.join(allowed)}")
+        if {"gptq", "awq"} & set(self.formats) and any(rule.bits == 8 for rule in self.layer_overrides()):
+            raise ValueError("formats: gptq and awq folders hold one bit width; 8-bit layer overrides need compressed-tensors")
         if "awq" in self.formats and self.bits != 4:
             raise ValueError(f"formats: the awq format holds 4-bit weights only, not {self.bits}-bit")
         if self.is_onnx:
@@ -240,15 +250,14 @@ class Recipe(Strict):
         for index, variant in enumerate(self.variants):
             if variant.from_ is not None:
                 source = earlier.get(variant.from_)
+                where = ("variants", index, "from")
                 if source is None:
-                    raise ValueError(f"variants[{index}].from: no earlier variant is named {variant.from_!r}")
+                    raise LocatedError(where, f"no earlier variant is named {variant.from_!r}")
                 if source.method not in CALIBRATED_METHODS or source.bits != 4:
-                    raise ValueError(
-                        f"variants[{index}].from: {variant.from_!r} is {source.method} at {source.bits} bits; "
-                        "only 4-bit gptq, awq or rtn weights can go into an ONNX int4 graph"
-                    )
-                if source.layer_overrides() or variant.layer_overrides():
-                    raise ValueError(f"variants[{index}].from: per-layer overrides cannot be carried into ONNX yet")
+                    raise LocatedError(where, f"{variant.from_!r} is {source.method} at {source.bits} bits; "
+                                              "only 4-bit gptq, awq or rtn weights can go into an ONNX int4 graph")
+                if any(rule.bits == 8 for rule in source.layer_overrides() + variant.layer_overrides()):
+                    raise LocatedError(where, "8-bit layer overrides cannot be carried into an ONNX int4 graph")
             earlier[variant.name] = variant
         return self
 
@@ -322,6 +331,8 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
         raise RecipeError(f"{source}: a recipe must be a YAML mapping with name, model and variants")
     try:
         return Recipe.model_validate(data)
+    except LocatedError as error:
+        raise RecipeError(f"{source}:{_line_of(node, error.location)}: {_field_path(error.location)}: {error.message}") from None
     except ValidationError as error:
         first = error.errors()[0]
         location = tuple(first["loc"])

@@ -99,3 +99,39 @@ def test_per_variant_gates_override_only_what_they_set():
     assert gates.max_kld == 0.01
     assert recipe.gates.max_kld == 0.05
     assert yaml.safe_load(GOOD)["gates"]["max_kld"] == 0.05
+
+
+METHOD_MISTAKES = [
+    ("onnx bits", "  - {name: a, method: onnx-int4, bits: 8}", "variants[0]: bits: method onnx-int4 quantizes to 4 bits, not 8"),
+    ("onnx block", "  - {name: a, method: onnx-int4, group_size: 512}", "block size must be 16, 32, 64, 128 or 256"),
+    ("algorithm", "  - {name: a, method: onnx-int4, algorithm: hqq}", "variants[0].algorithm: must be one of default, rtn, k_quant"),
+    ("from missing", "  - {name: a, method: onnx-int4, from: nope}", "r.yaml:4: variants[0].from: no earlier variant is named 'nope'"),
+    ("from later", "  - {name: a, method: onnx-int4, from: b}\n  - {name: b, method: gptq}", "no earlier variant is named 'b'"),
+    ("from 8-bit", "  - {name: b, method: gptq, bits: 8}\n  - {name: a, method: onnx-int4, from: b}",
+     "only 4-bit gptq, awq or rtn weights can go into an ONNX int4 graph"),
+    ("from on gptq", "  - {name: a, method: gptq, from: x}", "variants[0]: from: only ONNX methods take this option"),
+    ("awq 8-bit", "  - {name: a, method: rtn, bits: 8, formats: [awq]}", "the awq format holds 4-bit weights only"),
+    ("onnx int8 layer", "  - {name: a, method: onnx-int4, overrides: [{match: down_proj, bits: 8}]}",
+     "the ONNX builder can keep only lm_head at 8 bits"),
+    ("bad override", "  - {name: a, method: gptq, overrides: [{match: '(', bits: 8}]}", "is not a valid regular expression"),
+    ("override bits", "  - {name: a, method: gptq, overrides: [{match: x, bits: 5}]}", "variants[0].overrides[0].bits"),
+    ("grid on gptq", "  - {name: a, method: gptq, n_grid: 5}", "n_grid: only awq searches a grid"),
+    ("preset", "  - {name: a, method: gptq, preset: fast}", "variants[0].preset"),
+]
+
+
+@pytest.mark.parametrize("description, variants, expected", METHOD_MISTAKES, ids=[m[0] for m in METHOD_MISTAKES])
+def test_method_options_are_checked_before_any_model_loads(description, variants, expected):
+    with pytest.raises(ValueError) as caught:
+        parse_recipe(f"name: t\nmodel: builtin:tiny-phi4-mini\nvariants:\n{variants}\n", "r.yaml")
+    assert expected in str(caught.value)
+
+
+def test_method_defaults():
+    recipe = parse_recipe(
+        "name: t\nmodel: m\nvariants:\n  - {name: g, method: gptq}\n  - {name: o, method: onnx-int8}\n"
+        "  - {name: c, method: onnx-int4, from: g}\n"
+    )
+    gptq, int8, carried = recipe.variants
+    assert gptq.formats == ["compressed-tensors"] and int8.formats == ["onnx"] and int8.bits == 8
+    assert carried.from_ == "g" and recipe.model_dump(by_alias=True)["variants"][2]["from"] == "g"

@@ -24,3 +24,24 @@ def test_unquantized_checkpoint_has_no_quantized_bits_and_32_bits_overall():
     figures = bits_per_weight({"w": np.zeros((4, 4), dtype=np.float32)})
     assert np.isnan(figures["bits_per_weight"])
     assert figures["bits_per_weight_all"] == 32
+
+
+def test_onnx_matmulnbits_and_matmulinteger_count_every_stored_byte():
+    from compress.verify.size import onnx_bits_per_weight
+
+    K, N, block = 128, 64, 32
+    initializers = {
+        "w_Q4": (N * K // 2, N * K // 2),  # uint8 packed, two 4-bit values a byte
+        "w_scales": (N * K // block, N * K // block * 2),  # fp16
+        "v_quantized": (K * N, K * N),  # int8
+        "v_scale": (N, N * 4),
+        "v_zero_point": (N, N),
+        "norm": (K, K * 4),
+    }
+    nodes = [("MatMulNBits", ["x", "w_Q4", "w_scales"], {"K": K, "N": N, "bits": 4, "block_size": block}),
+             ("MatMulInteger", ["xq", "v_quantized", "x_zp", "v_zero_point"], {})]
+    figures = onnx_bits_per_weight(initializers, nodes)
+    quantized_bytes = N * K // 2 + N * K // block * 2 + K * N + N * 4 + N
+    assert figures["quantized_weights"] == 2 * K * N
+    assert figures["bits_per_weight"] == 8 * quantized_bytes / (2 * K * N)
+    assert figures["bits_per_weight_all"] == 8 * (quantized_bytes + K * 4) / (2 * K * N + K)

@@ -93,7 +93,7 @@ def onnx_bits_per_weight(initializers: dict[str, tuple[int, int]], nodes: list[t
     counted: set[str] = set()
 
     def take(names) -> int:
-        present = [n for n in names if n in initializers and n not in counted]
+        present = [n for n in dict.fromkeys(names) if n in initializers and n not in counted]
         counted.update(present)
         return sum(initializers[n][1] for n in present)
 

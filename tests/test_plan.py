@@ -1,0 +1,60 @@
+"""Per-layer plans and how they reach llm-compressor and the ONNX builder. Pure: no model is loaded."""
+
+import pytest
+
+from compress.export.onnx_genai import builder_node_names, builder_options, phi3_linear_names
+from compress.quantize.llmc import plan_groups
+from compress.quantize.plan import plan_summary, resolve_plan
+from compress.recipe import Override, Variant
+
+CONFIG = {"num_hidden_layers": 2}
+LAYERS = phi3_linear_names(CONFIG)
+
+
+def test_phi3_layer_names_cover_every_linear():
+    assert LAYERS[:4] == ["model.layers.0.self_attn.qkv_proj", "model.layers.0.self_attn.o_proj",
+                          "model.layers.0.mlp.gate_up_proj", "model.layers.0.mlp.down_proj"]
+    assert len(LAYERS) == 9 and LAYERS[-1] == "lm_head"
+
+
+def test_first_matching_override_wins_and_ignore_keeps_float():
+    overrides = [Override(match=r"layers\.0\.mlp", bits="skip"), Override(match=r"mlp\.", bits=8)]
+    plan = resolve_plan(LAYERS, 4, ["lm_head"], overrides)
+    assert plan["model.layers.0.mlp.down_proj"] == 16  # first rule
+    assert plan["model.layers.1.mlp.down_proj"] == 8  # second rule
+    assert plan["model.layers.1.self_attn.qkv_proj"] == 4
+    assert plan["lm_head"] == 16
+    assert plan_summary(plan) == {"4": 4, "8": 2, "16": 3}
+
+
+def test_phi4_safe_preset_keeps_down_proj_at_8_bits():
+    variant = Variant(name="v", method="gptq", preset="phi4-safe")
+    plan = resolve_plan(LAYERS, 4, [], variant.layer_overrides())
+    assert {layer: bits for layer, bits in plan.items() if bits != 4} == {
+        "model.layers.0.mlp.down_proj": 8, "model.layers.1.mlp.down_proj": 8, "lm_head": 8}
+
+
+def test_plan_becomes_one_config_group_per_bit_width():
+    plan = {"a.q": 4, "a.down": 8, "lm_head": 16}
+    groups, ignore = plan_groups(plan, 128, True)
+    assert ignore == ["lm_head"]
+    assert groups["group_4bit"]["targets"] == [r"re:^a\.q$"] and groups["group_4bit"]["weights"]["num_bits"] == 4
+    assert groups["group_8bit"]["targets"] == [r"re:^a\.down$"]
+
+
+def test_builder_options_follow_the_plan():
+    variant = Variant(name="v", method="onnx-int4", group_size=32, symmetric=False, accuracy_level=4, algorithm="k_quant")
+    plan = resolve_plan(LAYERS, 4, [], [Override(match="lm_head", bits=8), Override(match=r"layers\.1\.mlp\.down", bits=16)])
+    options = builder_options(variant, plan)
+    assert options["block_size"] == "32" and options["is_symmetric"] == "false" and options["algo_config"] == "k_quant"
+    assert options["accuracy_level"] == "4"
+    assert options["matmul_mixed_precision"] == "last_matmul:int8"
+    assert options["nodes_to_exclude"] == "/model/layers.1/mlp/down_proj/MatMul"
+    assert builder_options(variant, plan, exact=True)["accuracy_level"] == "1"
+
+
+def test_builder_node_names_for_fused_layers():
+    assert "/model/layers.3/mlp/up_proj/MatMul" in builder_node_names("model.layers.3.mlp.gate_up_proj")
+    assert builder_node_names("lm_head") == ["/lm_head/MatMul"]
+    with pytest.raises(ValueError, match="no ONNX node"):
+        builder_node_names("model.layers.0.mlp.experts")
