@@ -12,7 +12,13 @@ import shutil
 from pathlib import Path
 
 from compress.export.compressed_tensors import write_compressed_tensors
-from compress.export.onnx_genai import builder_options, phi3_linear_names, quantize_dynamic_int8, run_builder
+from compress.export.onnx_genai import (
+    builder_options,
+    excluded_nodes,
+    phi3_linear_names,
+    quantize_dynamic_int8,
+    run_builder,
+)
 from compress.model import ModelInfo
 from compress.quantize.llmc import QUANTIZERS
 from compress.quantize.plan import KEEP, plan_summary, resolve_plan
@@ -97,11 +103,8 @@ def _writer(fmt: str):
 
 def _exact_build_options(plan: dict[str, int]) -> dict[str, str]:
     """Builder options that carry a pre-quantized folder as it is: fp32 compute, float layers left float."""
-    from compress.export.onnx_genai import builder_node_names
-
     options = {"accuracy_level": "1", "hf_token": "false"}
-    excluded = [node for layer, bits in plan.items() if bits == KEEP for node in builder_node_names(layer)]
-    if excluded:
+    if excluded := excluded_nodes(plan):
         options["nodes_to_exclude"] = ",".join(excluded)
     return options
 

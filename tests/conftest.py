@@ -26,3 +26,16 @@ def write_recipe(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """One `compress run` of the demo recipe, shared by every test that reads its results."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    result = run_cli("run", str(DEMO_RECIPE), "--out", str(out))
+    return out, result
+
+
+def entry(report: dict, name: str, fmt: str) -> dict:
+    """The report's entry for one (variant, format)."""
+    return next(v for v in report["variants"] if v["name"] == name and v["format"] == fmt)

@@ -51,6 +51,11 @@ def test_builder_options_follow_the_plan():
     assert options["matmul_mixed_precision"] == "last_matmul:int8"
     assert options["nodes_to_exclude"] == "/model/layers.1/mlp/down_proj/MatMul"
     assert builder_options(variant, plan, exact=True)["accuracy_level"] == "1"
+    default = Variant(name="d", method="onnx-int4", group_size=32)
+    assert builder_options(default, plan)["algo_config"] == "rtn"  # builder bug: default + int8 head
+    assert builder_options(default, {**plan, "lm_head": 4})["algo_config"] == "default"
+    float_head = builder_options(variant, {**plan, "lm_head": 16})["nodes_to_exclude"].split(",")
+    assert float_head[-2:] == ["/lm_head/MatMul", "/model/embed_tokens/Gather"]  # a tied table stays float too
 
 
 def test_builder_node_names_for_fused_layers():

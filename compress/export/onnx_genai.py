@@ -47,6 +47,18 @@ def builder_node_names(layer: str) -> list[str]:
     return [f"/model/layers.{match.group(1)}/{node}" for node in BUILDER_NODES[match.group(2)]]
 
 
+def excluded_nodes(plan: dict[str, int]) -> list[str]:
+    """Builder nodes to leave in floating point: every layer the plan keeps at 16 bits.
+
+    With a float head the embedding table stays float too: the builder would otherwise round a tied
+    embedding (shared with lm_head) to int4 on its own, even when lm_head itself is excluded.
+    """
+    nodes = [node for layer, bits in plan.items() if bits == 16 for node in builder_node_names(layer)]
+    if plan.get("lm_head") == 16:
+        nodes.append("/model/embed_tokens/Gather")
+    return nodes
+
+
 def builder_options(variant, plan: dict[str, int], exact: bool = False) -> dict[str, str]:
     """--extra_options for a variant and its layer plan (16 = keep in floating point; lm_head 8 = int8)."""
     options = {"block_size": str(variant.group_size), "is_symmetric": str(variant.symmetric).lower(),
@@ -54,11 +66,15 @@ def builder_options(variant, plan: dict[str, int], exact: bool = False) -> dict[
     level = 1 if exact else variant.accuracy_level
     if level:
         options["accuracy_level"] = str(level)
-    excluded = [node for layer, bits in plan.items() if bits == 16 for node in builder_node_names(layer)]
-    if excluded:
+    if excluded := excluded_nodes(plan):
         options["nodes_to_exclude"] = ",".join(excluded)
     if plan.get("lm_head") == 8:
         options["matmul_mixed_precision"] = "last_matmul:int8"
+        # Builder 0.18 with algo_config=default and an int8 last MatMul writes a graph whose lm_head input
+        # (weight_Q8G<block>) does not exist, so the model fails to load. `default` is RTN under another node
+        # naming, so asking for rtn gives the same weights in a graph that loads.
+        if variant.algorithm == "default":
+            options["algo_config"] = "rtn"
     return options
 
 
