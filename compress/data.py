@@ -138,3 +138,23 @@ def calibration_samples(stream: np.ndarray, seq_len: int, samples: int, seed: in
 def array_hash(array: np.ndarray) -> str:
     """sha256 of an array's bytes, to name exactly which tokens were used."""
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def chat_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Each prompt as a user turn in the model's chat template (plain text if it has none), as token ids."""
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        if tokenizer.chat_template else prompt
+        for prompt in prompts
+    ]
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+
+def stop_token_ids(model_folder: Path, tokenizer) -> list[int]:
+    """Tokens that end a reply: generation_config's eos_token_id(s) and the tokenizer's EOS."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    config_file = model_folder / "generation_config.json"
+    if config_file.is_file():
+        eos = json.loads(config_file.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return sorted(ids)

@@ -14,7 +14,15 @@ import numpy as np
 import psutil
 from rich.console import Console
 
-from compress.data import array_hash, calibration_samples, evaluation_windows, load_documents, token_stream
+from compress.data import (
+    array_hash,
+    calibration_samples,
+    chat_prompts,
+    evaluation_windows,
+    load_documents,
+    stop_token_ids,
+    token_stream,
+)
 from compress.model import ModelError, ModelInfo, estimate_memory, inspect_model
 from compress.produce import produce
 from compress.recipe import Recipe, Variant
@@ -23,6 +31,7 @@ from compress.report import write_report
 from compress.results import FAIL, NOT_VERIFIED, PASS, Artifact, Outcome, Verdict
 from compress.ui import progress_bar, stage
 from compress.verify.gates import check_gates
+from compress.verify.generation import generation_figures
 from compress.verify.isolated import MeasurementError, measure_in_subprocess
 from compress.verify.size import folder_bytes
 from compress.verify.targets import availability, free_device_memory
@@ -33,6 +42,8 @@ class RunData:
     windows_file: Path  # npz: windows [W, seq_len], prompt [prompt_tokens]
     samples: np.ndarray  # calibration [samples, seq_len]
     hashes: dict[str, str]
+    chat_prompts: list[list[int]]  # generation sanity: fixed prompts in the chat template
+    stop_ids: list[int]
 
 
 @dataclass(frozen=True)
@@ -93,7 +104,8 @@ def prepare_data(recipe: Recipe, info: ModelInfo, run_dir: Path) -> RunData:
     windows_file = data_dir / "windows.npz"
     np.savez(windows_file, windows=windows, prompt=prompt)
     hashes = {"evaluation_tokens": array_hash(windows), "calibration_tokens": array_hash(samples)}
-    return RunData(windows_file, samples, hashes)
+    prompts = chat_prompts(tokenizer, evaluation.prompts)
+    return RunData(windows_file, samples, hashes, prompts, stop_token_ids(info.path, tokenizer))
 
 
 def _job(recipe: Recipe, folder: Path, runtime: str, target: str, data: RunData) -> dict:
@@ -106,6 +118,9 @@ def _job(recipe: Recipe, folder: Path, runtime: str, target: str, data: RunData)
         "top_k": evaluation.top_k,
         "new_tokens": evaluation.new_tokens,
         "speed_runs": evaluation.speed_runs,
+        "prompts": data.chat_prompts,
+        "stop_ids": data.stop_ids,
+        "generation_tokens": evaluation.generation_tokens,
     }
 
 
@@ -119,7 +134,9 @@ def evaluate_baseline(recipe: Recipe, info: ModelInfo, data: RunData, run_dir: P
             continue
         reference = run_dir / "baseline" / f"reference-{target}.npz"
         job = {**_job(recipe, info.path, "transformers", target, data), "write_reference": str(reference)}
-        results[target] = measure_in_subprocess(job, run_dir / "baseline", target)
+        result = measure_in_subprocess(job, run_dir / "baseline", target)
+        result["metrics"].update(generation_figures(result["continuations"], set(data.stop_ids), recipe.evaluation.generation_tokens))
+        results[target] = result
         references[target] = reference
     return Baseline(folder_bytes(info.path), results, references, missing)
 
@@ -149,6 +166,8 @@ def verify_artifact(recipe: Recipe, variant: Variant, artifact: Artifact, baseli
         metrics["size_ratio"] = artifact.size_bytes / baseline.size_bytes
         metrics["decode_speedup"] = metrics["decode_tps"] / base["decode_tps"]
         metrics["prefill_speedup"] = metrics["prefill_tps"] / base["prefill_tps"]
+        metrics.update(generation_figures(result["continuations"], set(data.stop_ids), recipe.evaluation.generation_tokens,
+                                          baseline.results[target]["continuations"], recipe.evaluation.agreement_tokens))
         failures = check_gates(gates, metrics)
         verdicts[target] = Verdict(target, FAIL if failures else PASS, metrics, failures, result["environment"])
     return verdicts

@@ -16,6 +16,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from compress.verify.generation import DEFAULT_PROMPTS
+
 # method -> formats it can write; the first is the default.
 FORMATS_BY_METHOD = {
     "gptq": ("compressed-tensors", "gptq", "awq"),
@@ -74,6 +76,9 @@ class Evaluation(Strict):
     prompt_tokens: int = Field(64, ge=1)  # speed: fixed prompt length
     new_tokens: int = Field(32, ge=2)  # speed: greedy tokens generated
     speed_runs: int = Field(3, ge=3)  # speed: timed runs after one warm-up; the median is reported
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1)  # generation sanity
+    generation_tokens: int = Field(48, ge=4)  # greedy tokens generated per prompt at most
+    agreement_tokens: int = Field(16, ge=1)  # how many first tokens are compared with the baseline's
 
 
 class Target(Strict):
@@ -86,6 +91,8 @@ class Gates(Strict):
     max_ppl_ratio: float | None = Field(None, gt=0)
     max_size_ratio: float | None = Field(None, gt=0)
     min_decode_speedup: float | None = Field(None, gt=0)
+    max_repetition: float | None = Field(None, ge=0, le=1)  # share of repeated 4-grams in generations
+    min_eos_rate: float | None = Field(None, ge=0, le=1)  # share of prompts answered with EOS in time
 
     def merged(self, override: Gates | None) -> Gates:
         """These gates with every field the override sets replacing ours."""

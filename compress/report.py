@@ -9,7 +9,7 @@ from rich.table import Table
 
 from compress.release import write_json_atomic
 
-BASELINE_KEYS = ("ppl", "nll_se", "decode_tps", "prefill_tps", "peak_rss_mb", "peak_vram_mb")
+BASELINE_KEYS = ("ppl", "nll_se", "decode_tps", "prefill_tps", "peak_rss_mb", "peak_vram_mb", "repetition", "eos_rate")
 
 
 def build_report(out: Path, recipe, info, baseline, outcomes, context) -> dict:
@@ -86,6 +86,9 @@ COLUMNS = [
     ("tok/s", lambda r, m: _fmt(m.get("decode_tps"), ".0f"), True),
     ("× base", lambda r, m: _fmt(m.get("decode_speedup"), ".2f"), True),
     ("RSS MB", lambda r, m: _fmt(m.get("peak_rss_mb"), ".0f"), False),
+    ("repeat", lambda r, m: _fmt(m.get("repetition"), ".2f"), True),
+    ("EOS", lambda r, m: _fmt(m.get("eos_rate"), ".2f"), False),
+    ("same start", lambda r, m: _fmt(m.get("generation_agreement"), ".2f"), False),
     ("verdict", lambda r, m: r["verdict"], True),
 ]
 

@@ -76,6 +76,20 @@ def test_gptq_v1_repack_is_lossless_through_the_builder(report):
     assert v1["top1"] == pytest.approx(ct["top1"], abs=0.005)
 
 
+def test_each_artifact_peak_memory_is_its_own(report):
+    """ONNX workers import no torch: far below the transformers baseline, not the parent's peak."""
+    baseline = report["baseline"]["targets"]["cpu"]["peak_rss_mb"]
+    assert cpu(report, "onnx-int4-rtn", "onnx")["peak_rss_mb"] < 0.6 * baseline
+
+
+def test_generation_sanity_is_measured_against_the_baseline(report):
+    for name, fmt, _ in ROWS:
+        metrics = cpu(report, name, fmt)
+        assert 0 <= metrics["repetition"] < 0.5 and 0 <= metrics["eos_rate"] <= 1
+        assert 0 < metrics["generation_agreement"] <= 1
+    assert cpu(report, "onnx-int8", "onnx")["generation_agreement"] > cpu(report, "rtn-w4g128", "compressed-tensors")["generation_agreement"]
+
+
 def test_int8_is_closer_than_int4_and_bits_count_scales(report):
     assert cpu(report, "onnx-int8", "onnx")["kld"] < cpu(report, "onnx-int4-gptq", "onnx")["kld"] / 5
     assert entry(report, "onnx-int8", "onnx")["bits_per_weight"] > 8.0  # scales are stored too

@@ -61,5 +61,17 @@ class GenaiRuntime:
         last = time.perf_counter()
         return first - start, last - first, generated
 
+    def generate(self, prompt: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
+        """Greedy continuation of `prompt`, ending with the first stop token or after max_new_tokens."""
+        generator = self._generator(len(prompt) + max_new_tokens)
+        generator.append_tokens(np.asarray([prompt], dtype=np.int32))
+        tokens: list[int] = []
+        while len(tokens) < max_new_tokens and not (tokens and tokens[-1] in stop_ids):
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+            if generator.is_done():
+                break
+        return tokens
+
     def peak_device_memory_mb(self) -> float | None:
         return None  # onnxruntime-genai does not report it; peak RSS covers the CPU

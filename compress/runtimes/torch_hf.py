@@ -62,6 +62,22 @@ class TorchRuntime:
             last = time.perf_counter()
         return first - start, last - first, generated
 
+    def generate(self, prompt: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
+        """Greedy continuation of `prompt`, ending with the first stop token or after max_new_tokens."""
+        from transformers import DynamicCache
+
+        tokens: list[int] = []
+        with torch.inference_mode():
+            cache = DynamicCache(config=self.model.config)
+            ids = torch.as_tensor([prompt], device=self.device)
+            while len(tokens) < max_new_tokens:
+                token = self.model(ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+                tokens.append(int(token))
+                if tokens[-1] in stop_ids:
+                    break
+                ids = token
+        return tokens
+
     def peak_device_memory_mb(self) -> float | None:
         if self.device.startswith("cuda"):
             return torch.cuda.max_memory_allocated() / 2**20

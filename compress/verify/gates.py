@@ -9,6 +9,8 @@ GATE_TABLE = {
     "max_ppl_ratio": ("ppl_ratio", "max", "perplexity ratio"),
     "max_size_ratio": ("size_ratio", "max", "size ratio"),
     "min_decode_speedup": ("decode_speedup", "min", "decode speedup"),
+    "max_repetition": ("repetition", "max", "generation repetition"),
+    "min_eos_rate": ("eos_rate", "min", "EOS rate"),
 }
 
 

@@ -34,6 +34,22 @@ def _runtime(name: str, folder: Path, device: str):
     return TorchRuntime(folder, device)
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory: VmHWM, which starts afresh at exec.
+
+    Not getrusage's ru_maxrss: Linux carries it over fork and exec, so a worker started by a parent that
+    held a large model would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # other systems: the best there is
+
+
 def _stack(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {key: np.stack([part[key] for part in parts]) for key in parts[0]}
 
@@ -66,15 +82,18 @@ def run_job(job: dict) -> dict:
         metrics = summarise(reference, _stack(parts))
     eval_seconds = time.perf_counter() - started
 
+    stop_ids = set(job.get("stop_ids", []))
+    continuations = [runtime.generate(ids, job["generation_tokens"], stop_ids) for ids in job.get("prompts", [])]
     speed, generated = measure_speed(runtime, prompt, job["new_tokens"], job["speed_runs"])
     metrics.update(speed)
-    metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    metrics["peak_rss_mb"] = peak_rss_mb()
     device_peak = runtime.peak_device_memory_mb()
     if device_peak is not None:
         metrics["peak_vram_mb"] = device_peak
     return {
         "metrics": metrics,
         "generated": generated,
+        "continuations": continuations,
         "environment": described,
         "seconds": {"load": load_seconds, "evaluate": eval_seconds},
     }
