@@ -14,6 +14,7 @@ import numpy as np
 import psutil
 from rich.console import Console
 
+from compress.cache import baseline_key, load_baseline, store_baseline
 from compress.data import (
     array_hash,
     calibration_samples,
@@ -125,17 +126,35 @@ def _job(recipe: Recipe, folder: Path, runtime: str, target: str, data: RunData)
 
 
 def evaluate_baseline(recipe: Recipe, info: ModelInfo, data: RunData, run_dir: Path) -> Baseline:
-    """Perplexity, reference log-probs and speed of the original model on every target present."""
+    """Perplexity, reference log-probs and speed of the original model on every target present.
+
+    Cached by model fingerprint, evaluation settings, tokens, target and library versions (compress.cache).
+    """
     results, references, missing = {}, {}, {}
+    versions = package_versions()
     for target in recipe.targets:
         reason = availability(target)
         if reason:
             missing[target] = reason
             continue
         reference = run_dir / "baseline" / f"reference-{target}.npz"
+        key = baseline_key({
+            "model": model_fingerprint(info), "evaluation": recipe.evaluation.model_dump(), "tokens": data.hashes["evaluation_tokens"],
+            "prompts": data.chat_prompts, "stop": data.stop_ids, "target": target,
+            "versions": {name: versions[name] for name in ("torch", "transformers", "compress")},
+        })
         job = {**_job(recipe, info.path, "transformers", target, data), "write_reference": str(reference)}
-        result = measure_in_subprocess(job, run_dir / "baseline", target)
-        result["metrics"].update(generation_figures(result["continuations"], set(data.stop_ids), recipe.evaluation.generation_tokens))
+        result = load_baseline(key, reference)
+        if result is None:
+            result = measure_in_subprocess(job, run_dir / "baseline", target)
+            result["metrics"].update(generation_figures(result["continuations"], set(data.stop_ids), recipe.evaluation.generation_tokens))
+            store_baseline(key, result, reference)
+            result["cached"] = False
+        else:
+            # Speed is never taken from the cache: speedups compare figures measured in one run.
+            fresh = measure_in_subprocess({**job, "speed_only": True}, run_dir / "baseline", target)
+            result["metrics"].update({k: v for k, v in fresh["metrics"].items() if k.endswith(("_tps", "_tps_min", "_tps_max", "rss_mb", "vram_mb"))})
+            result["environment"], result["cached"] = fresh["environment"], True
         results[target] = result
         references[target] = reference
     return Baseline(folder_bytes(info.path), results, references, missing)
@@ -212,6 +231,7 @@ def run(recipe: Recipe, recipe_path: str, out: Path, model_spec: str | None = No
         baseline = evaluate_baseline(recipe, info, data, out)
         line.done(", ".join(
             f"{target}: ppl {result['metrics']['ppl']:.3f}, decode {result['metrics']['decode_tps']:.0f} tok/s"
+            + (" (cached)" if result["cached"] else "")
             for target, result in baseline.results.items()
         ) + "".join(f"; {target}: not verified ({why})" for target, why in baseline.missing.items()))
 

@@ -51,7 +51,7 @@ def build_report(out: Path, recipe, info, baseline, outcomes, context) -> dict:
         "baseline": {
             "size_bytes": baseline.size_bytes,
             "targets": {
-                **{t: {k: r["metrics"][k] for k in BASELINE_KEYS if k in r["metrics"]} | {"status": "measured", "environment": r["environment"]}
+                **{t: {k: r["metrics"][k] for k in BASELINE_KEYS if k in r["metrics"]} | {"status": "measured", "accuracy_cached": r.get("cached", False), "environment": r["environment"]}
                    for t, r in baseline.results.items()},
                 **{t: {"status": "not-verified", "reason": why} for t, why in baseline.missing.items()},
             },

@@ -6,6 +6,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Tests use a baseline cache of their own, never the user's ~/.cache/compress."""
+    os.environ["COMPRESS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 DEMO_RECIPE = ROOT / "recipes" / "tiny-phi4-mini.yaml"
 
 

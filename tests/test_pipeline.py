@@ -107,3 +107,27 @@ def test_failed_gates_and_missing_required_cuda_release_nothing(tmp_path, write_
     report = json.loads((out / "report.json").read_text())
     assert [v["released"] for v in report["variants"]] == [False, False]
     assert "max_kld 0" in (out / "report.md").read_text()
+
+
+SWEEP = """\
+name: sweep
+model: builtin:tiny-phi4-mini
+evaluation: {seq_len: 128, windows: 4, new_tokens: 8, prompts: [Hello]}
+gates: {max_kld: 1.0, min_top1: 0.5}
+variants:
+  - {name: rtn, method: rtn, matrix: {bits: [4, 8]}}
+"""
+
+
+def test_sweep_runs_every_expansion_and_reruns_reuse_the_cached_baseline(tmp_path, write_recipe):
+    recipe = write_recipe(SWEEP)
+    first = run_cli("run", str(recipe), "--out", str(tmp_path / "a"))
+    second = run_cli("run", str(recipe), "--out", str(tmp_path / "b"))
+    assert first.returncode == 0 and second.returncode == 0, first.stdout + second.stdout
+    assert "(cached)" not in first.stdout and "(cached)" in second.stdout
+    reports = [json.loads((tmp_path / run / "report.json").read_text()) for run in ("a", "b")]
+    assert [v["name"] for v in reports[1]["variants"]] == ["rtn-w4", "rtn-w8"]
+    assert reports[0]["baseline"]["targets"]["cpu"]["ppl"] == reports[1]["baseline"]["targets"]["cpu"]["ppl"]
+    assert reports[1]["baseline"]["targets"]["cpu"]["accuracy_cached"] is True
+    w4, w8 = (v["targets"]["cpu"]["metrics"]["kld"] for v in reports[1]["variants"])
+    assert w8 < w4

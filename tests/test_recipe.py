@@ -135,3 +135,18 @@ def test_method_defaults():
     gptq, int8, carried = recipe.variants
     assert gptq.formats == ["compressed-tensors"] and int8.formats == ["onnx"] and int8.bits == 8
     assert carried.from_ == "g" and recipe.model_dump(by_alias=True)["variants"][2]["from"] == "g"
+
+
+def test_matrix_expands_with_predictable_names_and_each_is_validated():
+    recipe = parse_recipe(
+        "name: s\nmodel: m\nvariants:\n"
+        "  - {name: sweep, method: rtn, matrix: {group_size: [32, 128], bits: [3, 4], method: [rtn, gptq]}}\n"
+        "  - {name: carried, method: onnx-int4, from: sweep-gptq-w4-g128}\n"
+    )
+    names = [v.name for v in recipe.variants]
+    assert names[:4] == ["sweep-rtn-w3-g32", "sweep-rtn-w3-g128", "sweep-rtn-w4-g32", "sweep-rtn-w4-g128"]
+    assert len(names) == 9 and recipe.variants[7].method == "gptq" and recipe.variants[7].bits == 4
+    with pytest.raises(ValueError, match="variants\\[0\\].bits: must be one of 2, 3, 4, 8"):
+        parse_recipe("name: s\nmodel: m\nvariants:\n  - {name: x, method: rtn, matrix: {bits: [5]}}\n")
+    with pytest.raises(ValueError, match="variants\\[0\\].matrix: must map option names to non-empty lists"):
+        parse_recipe("name: s\nmodel: m\nvariants:\n  - {name: x, method: rtn, matrix: {bits: 4}}\n")
