@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint fast-test model clean
+.PHONY: install demo test lint fast-test model browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,13 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check compress tests
 
-test: lint
+# The HTML report test opens report.html in headless Chromium (Debian's package; needs root to install).
+browser:
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null); } || \
+	  echo "chromium not installed: the browser test will be skipped"
+
+test: lint browser
 	$(PY) -m pytest -q
 
 fast-test: install

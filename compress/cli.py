@@ -64,6 +64,25 @@ def validate(recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")]) 
     console.print(f"{recipe}: valid — model {parsed.model}, {len(parsed.variants)} variant(s): {names}")
 
 
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run folder holding report.json.")]) -> None:
+    """Rebuild report.md, report.html and report.json of RUN_DIR without recomputing anything."""
+    import json
+
+    from compress.report import print_summary, render_files
+
+    source = run_dir / "report.json"
+    if not source.is_file():
+        _fail(f"{run_dir} holds no report.json; give the folder a `compress run` wrote")
+    try:
+        data = json.loads(source.read_text())
+        render_files(run_dir, data)
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        _fail(f"{source} is not a report compress can read ({type(error).__name__}: {error})")
+    print_summary(data, console)
+    console.print(f"Report: {run_dir / 'report.html'}")
+
+
 def _quiet_libraries() -> None:
     """The libraries' own progress bars and chatter would fight our display; their logs go to files."""
     for name, value in {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",

@@ -24,6 +24,7 @@ from compress.quantize.llmc import QUANTIZERS
 from compress.quantize.plan import KEEP, plan_summary, resolve_plan
 from compress.quiet import library_output_to
 from compress.results import NOT_APPLICABLE, NOT_VERIFIED, Artifact
+from compress.verify.layers import layer_sensitivity
 from compress.verify.size import checkpoint_bits, folder_bytes, onnx_bits_per_weight, read_onnx
 from compress.verify.targets import availability
 
@@ -65,15 +66,18 @@ def produce(variant, recipe, info: ModelInfo, samples, run_dir: Path) -> list[Ar
     with library_output_to(space.log):
         if variant.is_onnx:
             return _onnx_artifacts(variant, recipe, info, run_dir, space)
-        return _calibrated_artifacts(variant, info, samples, run_dir, space)
+        return _calibrated_artifacts(variant, recipe, info, samples, run_dir, space)
 
 
-def _calibrated_artifacts(variant, info: ModelInfo, samples, run_dir: Path, space: Workspace) -> list[Artifact]:
+def _calibrated_artifacts(variant, recipe, info: ModelInfo, samples, run_dir: Path, space: Workspace) -> list[Artifact]:
     model, tokenizer, details = QUANTIZERS[variant.method](info.path, variant, samples)
     calibrated = calibrated_folder(run_dir, variant.name)
     shutil.rmtree(calibrated, ignore_errors=True)
     write_compressed_tensors(model, tokenizer, info.path, calibrated)
     del model
+    if recipe.evaluation.sensitivity_samples:
+        details["sensitivity"] = layer_sensitivity(info.path, calibrated, details["layer_plan"], variant.group_size,
+                                                   variant.symmetric, samples[: recipe.evaluation.sensitivity_samples])
     space.work("calibration.json").write_text(json.dumps(details, indent=2))
     details = {**details, "log": str(space.log)}
     artifacts = []
@@ -118,8 +122,10 @@ def _onnx_artifacts(variant, recipe, info: ModelInfo, run_dir: Path, space: Work
 
         source = write_gptq_v1(calibrated_folder(run_dir, variant.from_), space.work(f"from-{variant.from_}-gptq"))
         details["from"] = f"integer weights of {variant.from_} (its saved calibration, repacked to GPTQ v1)"
-        source_plan = json.loads((run_dir / "work" / variant.from_ / "calibration.json").read_text())["layer_plan"]
-        plan = {**plan, **{layer: bits for layer, bits in source_plan.items() if bits == KEEP}}
+        calibration = json.loads((run_dir / "work" / variant.from_ / "calibration.json").read_text())
+        plan = {**plan, **{layer: bits for layer, bits in calibration["layer_plan"].items() if bits == KEEP}}
+        if "sensitivity" in calibration:  # the same integer weights; the builder's compute type aside
+            details["sensitivity"] = calibration["sensitivity"]
     options = builder_options(variant, plan)
     details["builder_options"] = options
     artifacts = []

@@ -79,6 +79,7 @@ class Evaluation(Strict):
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1)  # generation sanity
     generation_tokens: int = Field(48, ge=4)  # greedy tokens generated per prompt at most
     agreement_tokens: int = Field(16, ge=1)  # how many first tokens are compared with the baseline's
+    sensitivity_samples: int = Field(4, ge=0)  # calibration windows for the per-layer SQNR table (0: skip it)
 
 
 class Target(Strict):

@@ -34,6 +34,7 @@ def build_report(out: Path, recipe, info, baseline, outcomes, context) -> dict:
             "from": artifact.details.get("from"),
             "awq_skipped_mappings": artifact.details.get("awq", {}).get("skipped"),
             "builder_options": artifact.details.get("builder_options"),
+            "sensitivity": artifact.details.get("sensitivity"),
             "targets": {
                 target: {"status": verdict.status, "failures": verdict.failures, "metrics": verdict.metrics,
                          "environment": verdict.environment}
@@ -46,6 +47,7 @@ def build_report(out: Path, recipe, info, baseline, outcomes, context) -> dict:
         "model": info.spec,
         "model_parameters": info.parameters,
         "evaluation": recipe.evaluation.model_dump(),
+        "gates": recipe.gates.model_dump(),
         "kld_note": f"KLD keeps the baseline's top {recipe.evaluation.top_k} tokens per position plus one bucket "
                     "for the rest: a lower bound on full-vocabulary KLD when the vocabulary is larger.",
         "baseline": {
@@ -188,7 +190,15 @@ def print_summary(report: dict, console: Console) -> None:
 
 def write_report(out: Path, recipe, info, baseline, outcomes, context, console: Console) -> dict:
     report = build_report(out, recipe, info, baseline, outcomes, context)
-    write_json_atomic(out / "report.json", report)
-    (out / "report.md").write_text(render_markdown(report))
+    render_files(out, report)
     print_summary(report, console)
     return report
+
+
+def render_files(out: Path, report: dict) -> None:
+    """report.json, report.md and report.html from the report dict alone (`compress report` reuses this)."""
+    from compress.report_html import render_html
+
+    write_json_atomic(out / "report.json", report)
+    (out / "report.md").write_text(render_markdown(report))
+    (out / "report.html").write_text(render_html(report, summary_rows, COLUMNS, verdict_lines))

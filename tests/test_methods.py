@@ -185,3 +185,12 @@ def test_int8_dynamic_runs_in_onnxruntime_genai(more):
     dynamic = entry(report, "onnx-int8-dynamic", "onnx")
     assert dynamic["released"] and dynamic["targets"]["cpu"]["metrics"]["kld"] < 0.02
     assert 8.0 < dynamic["bits_per_weight"] < 9.0
+
+
+def test_per_layer_sensitivity_ranks_layers_and_gptq_beats_rtn_on_its_worst_layer(report):
+    rtn = entry(report, "rtn-w4g128", "compressed-tensors")["sensitivity"]
+    gptq = entry(report, "gptq-w4g128", "compressed-tensors")["sensitivity"]
+    assert len(rtn) == len(gptq) == 16  # every quantized linear of the 4 blocks
+    assert [row["sqnr_db"] for row in rtn] == sorted(row["sqnr_db"] for row in rtn)  # worst first
+    assert 15 < rtn[0]["sqnr_db"] < gptq[0]["sqnr_db"] < 40  # about 6 dB a bit at 4 bits
+    assert entry(report, "onnx-int4-gptq", "onnx")["sensitivity"] == gptq  # the same integer weights

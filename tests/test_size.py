@@ -45,3 +45,12 @@ def test_onnx_matmulnbits_and_matmulinteger_count_every_stored_byte():
     assert figures["quantized_weights"] == 2 * K * N
     assert figures["bits_per_weight"] == 8 * quantized_bytes / (2 * K * N)
     assert figures["bits_per_weight_all"] == 8 * (quantized_bytes + K * 4) / (2 * K * N + K)
+
+
+def test_sqnr_hand_cases():
+    import math
+
+    from compress.verify.layers import sqnr_db
+
+    assert sqnr_db(100.0, 1.0) == 20.0
+    assert sqnr_db(1.0, 0.0) == math.inf
