@@ -54,6 +54,39 @@ def run(
 
 
 @app.command()
+def verify(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder: compressed-tensors, GPTQ v1, AWQ or ONNX GenAI.")],
+    baseline: Annotated[str, typer.Option("--baseline", help="The original model: folder, hub id or builtin:NAME.")],
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="Take evaluation settings and gates from this recipe.")] = None,
+    target: Annotated[list[str], typer.Option("--target", help="Target to verify on (repeatable).")] = ["cpu"],  # noqa: B006
+    out: Annotated[Path | None, typer.Option("--out", help="Where the report goes (default: runs/verify-<folder>).")] = None,
+) -> None:
+    """Check and measure any artifact folder against its baseline; exit 0 if it passes, 1 if not."""
+    try:
+        parsed = load_recipe(recipe) if recipe else None
+        for name in target:
+            if name not in ("cpu", "cuda"):
+                raise RecipeError(f"unknown target {name!r}; known: cpu, cuda")
+        _quiet_libraries()
+        from compress.check import FormatError, detect_format
+        from compress.verify_folder import verify_folder, verify_recipe
+
+        detect_format(artifact)
+        settings = verify_recipe(artifact, baseline, parsed, target)
+        out = out or Path("runs") / f"verify-{artifact.name}"
+        report = verify_folder(artifact, baseline, settings, out, console)
+    except (*BAD_INPUT, FormatError) as error:
+        _fail(str(error))
+    except MeasurementError as error:
+        _fail(f"the baseline could not be measured: {error}", 1)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    verdict = "passes" if report["passed"] else "does not pass"
+    console.print(f"{artifact} {verdict}. Report: {out / 'report.html'}")
+    raise typer.Exit(0 if report["passed"] else 1)
+
+
+@app.command()
 def validate(recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")]) -> None:
     """Check RECIPE without loading any model."""
     try:

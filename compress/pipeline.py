@@ -6,7 +6,6 @@ preflight -> data -> baseline -> quantize + export -> verify -> gate -> release 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,10 +212,8 @@ def model_fingerprint(info: ModelInfo) -> str:
     return digest.hexdigest()
 
 
-def run(recipe: Recipe, recipe_path: str, out: Path, model_spec: str | None = None, console: Console | None = None) -> dict:
-    """Run every stage of a recipe into `out`. -> the report (also written to out/report.json)."""
-    console = console or Console()
-    model_spec = model_spec or recipe.model
+def baseline_stages(recipe: Recipe, recipe_path: str, model_spec: str, out: Path, console: Console):
+    """Stages 1-3, shared by `compress run` and `compress verify`. -> (info, data, baseline, context)."""
     with stage(console, 1, "Preflight") as line:
         info = preflight(recipe, model_spec, console)
         out.mkdir(parents=True, exist_ok=True)
@@ -243,6 +240,13 @@ def run(recipe: Recipe, recipe_path: str, out: Path, model_spec: str | None = No
         "data": data.hashes,
         "versions": package_versions(),
     }
+    return info, data, baseline, context
+
+
+def run(recipe: Recipe, recipe_path: str, out: Path, model_spec: str | None = None, console: Console | None = None) -> dict:
+    """Run every stage of a recipe into `out`. -> the report (also written to out/report.json)."""
+    console = console or Console()
+    info, data, baseline, context = baseline_stages(recipe, recipe_path, model_spec or recipe.model, out, console)
     outcomes: list[Outcome] = []
     with stage(console, 4, "Quantize, export, verify", spinner=False) as line:
         with progress_bar(console) as bar:
@@ -274,6 +278,3 @@ def run(recipe: Recipe, recipe_path: str, out: Path, model_spec: str | None = No
         line.done(f"{out / 'report.md'} and {out / 'report.json'}")
     return report
 
-
-def load_report(out: Path) -> dict:
-    return json.loads((out / "report.json").read_text())

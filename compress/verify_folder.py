@@ -1,0 +1,112 @@
+"""`compress verify`: check and measure any artifact folder — ours or someone else's — against a baseline.
+
+The same stages and figures as `compress run`, with checks first that name what is broken: a truncated
+file, a config that disagrees with its tensors, a tokenizer from another model, a layer far from the
+baseline's weights. Nothing is released; the verdict and report are written to the output folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from compress.check import detect_format, quantized_layers, tokenizer_problems, truncation_problems, weight_problems
+from compress.data import load_documents
+from compress.export.onnx_genai import run_builder
+from compress.pipeline import baseline_stages, decide, verify_artifact
+from compress.recipe import Gates, Recipe, Variant
+from compress.report import write_report
+from compress.results import FAIL, NOT_VERIFIED, Artifact, Outcome, Verdict
+from compress.ui import stage
+from compress.verify.size import checkpoint_bits, folder_bytes, onnx_bits_per_weight, read_onnx
+
+RUNTIMES = {"compressed-tensors": "transformers", "gptq": "onnxruntime-genai", "awq": "onnxruntime-genai",
+            "onnx": "onnxruntime-genai"}
+DEFAULT_GATES = Gates(max_kld=0.1, min_top1=0.8, max_ppl_ratio=1.2)  # when no recipe names its own
+
+
+def verify_recipe(folder: Path, baseline: str, recipe: Recipe | None, targets: list[str]) -> Recipe:
+    """The settings to verify with: the recipe's evaluation and gates, or defaults, on the targets asked for."""
+    base = recipe or Recipe(name=f"verify-{folder.name}", model=baseline, gates=DEFAULT_GATES,
+                            variants=[Variant(name="artifact", method="rtn")])
+    return base.model_copy(update={
+        "name": f"verify-{folder.name}",
+        "targets": {t: base.targets.get(t, type(base.targets["cpu"])(required=True)) for t in targets},
+        "variants": [Variant(name=_artifact_name(folder), method="rtn")],
+    })
+
+
+def _artifact_name(folder: Path) -> str:
+    """The folder's name, or its parent's where the folder is named after its format (release/<variant>/<format>)."""
+    import re
+
+    name = folder.parent.name if folder.name in (*RUNTIMES, "onnx-cuda") else folder.name
+    return name if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) else "artifact"
+
+
+def verify_folder(folder: Path, baseline_spec: str, recipe: Recipe, out: Path, console: Console) -> dict:
+    fmt = detect_format(folder)
+    console.print(f"   {folder}: {fmt}")
+    info, data, baseline, context = baseline_stages(recipe, "", baseline_spec, out, console)
+    variant = recipe.variants[0]
+    with stage(console, 4, "Check files") as line:
+        problems = truncation_problems(folder)
+        sensitivity = []
+        if not problems:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(info.path, local_files_only=True)
+            text = "\n\n".join(load_documents(recipe.evaluation.dataset))[:20000]
+            problems += tokenizer_problems(folder, tokenizer, text)
+            if fmt != "onnx":
+                weights, config_problems = quantized_layers(folder, fmt)
+                problems += config_problems
+                layer_problems, sensitivity = weight_problems(weights, info.path)
+                problems += layer_problems
+        line.done("no problems found" if not problems else f"{len(problems)} problem(s): " + "; ".join(problems))
+    with stage(console, 5, "Measure") as line:
+        # Files that cannot be read whole, or whose config contradicts its tensors, are not run at all.
+        fatal = any("truncated" in p or "group_size" in p or "cannot be read" in p for p in problems)
+        artifact = _artifact(folder, fmt, variant, out, sensitivity, readable=not fatal)
+        if fatal:
+            verdicts = {t: Verdict(t, FAIL, {}, problems) for t in recipe.targets}
+        else:
+            verdicts = verify_artifact(recipe, variant, artifact, baseline, data, out)
+            for target, verdict in verdicts.items():
+                if problems and verdict.status != NOT_VERIFIED:
+                    verdicts[target] = Verdict(target, FAIL, verdict.metrics, problems + verdict.failures, verdict.environment)
+        line.done(", ".join(f"{t}: {v.status}" for t, v in verdicts.items()))
+    reasons = decide(recipe, verdicts)
+    outcome = Outcome(artifact, verdicts, False, reasons or ["verified only: compress verify releases nothing"])
+    with stage(console, 6, "Report") as line:
+        report = write_report(out, recipe, info, baseline, [outcome], context, console)
+        line.done(f"{out / 'report.html'}")
+    report["passed"] = not reasons
+    return report
+
+
+def _artifact(folder: Path, fmt: str, variant: Variant, out: Path, sensitivity: list, readable: bool) -> Artifact:
+    runnable = folder
+    unknown = {"bits_per_weight": float("nan"), "bits_per_weight_all": float("nan")}
+    if not readable:
+        return Artifact(variant.name, "external", fmt, folder, RUNTIMES[fmt], folder_bytes(folder), unknown, {})
+    if fmt in ("gptq", "awq"):
+        work = out / "work" / "built-onnx"
+        try:
+            runnable = run_builder(folder, work, "int4", "cpu", {"accuracy_level": "1", "hf_token": "false",
+                                   "nodes_to_exclude": "/lm_head/MatMul,/model/embed_tokens/Gather"},
+                                   out / "work" / "cache", out / "work" / "builder.log")
+        except RuntimeError:
+            runnable = work  # verification then fails with the builder's own sentence
+    bits = onnx_bits_per_weight(*read_onnx(folder)) if fmt == "onnx" else _safe_bits(folder)
+    details = {"sensitivity_weights": sensitivity}
+    return Artifact(variant.name, "external", fmt, folder, RUNTIMES[fmt], folder_bytes(folder), bits, details,
+                    runnable=runnable)
+
+
+def _safe_bits(folder: Path) -> dict:
+    try:
+        return checkpoint_bits(folder)
+    except (ValueError, KeyError, OSError):  # a layout this counter does not know: leave it unmeasured
+        return {"bits_per_weight": float("nan"), "bits_per_weight_all": float("nan")}

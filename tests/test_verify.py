@@ -1,0 +1,124 @@
+"""`compress verify` on good artifacts and on copies with planted faults: each fault is named in a sentence."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from safetensors.numpy import load_file, save_file
+
+pytestmark = pytest.mark.slow
+SETTINGS = """\
+name: verify-settings
+model: builtin:tiny-phi4-mini
+evaluation: {seq_len: 128, windows: 8, new_tokens: 8, prompts: [Hello]}
+gates: {max_kld: 0.05, min_top1: 0.85}
+variants: [{name: unused, method: rtn}]
+"""
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory):
+    path = tmp_path_factory.mktemp("settings") / "verify.yaml"
+    path.write_text(SETTINGS)
+    return path
+
+
+def verify(folder, settings, out):
+    result = run_cli("verify", str(folder), "--baseline", "builtin:tiny-phi4-mini", "--recipe", str(settings), "--out", str(out))
+    report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else None
+    return result, report
+
+
+def failures(report):
+    return report["variants"][0]["targets"]["cpu"]["failures"]
+
+
+@pytest.fixture
+def good(demo_run):
+    out, _ = demo_run
+    return {fmt: out / "release" / name / fmt for name, fmt in
+            [("gptq-w4g128", "compressed-tensors"), ("gptq-w4g128", "gptq"), ("onnx-int4-gptq", "onnx")]}
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq", "onnx"])
+def test_untouched_artifacts_pass(good, settings, tmp_path, fmt):
+    result, report = verify(good[fmt], settings, tmp_path / "out")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert report["variants"][0]["format"] == fmt and failures(report) == []
+    assert "passes" in result.stdout
+
+
+def _copy(folder, tmp_path):
+    copy = tmp_path / "artifact"
+    shutil.copytree(folder, copy)
+    return copy
+
+
+def _edit_tensors(folder, edit):
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _scales_times_four(folder):
+    _edit_tensors(folder, lambda t: t.update({"model.layers.1.mlp.down_proj.weight_scale": t["model.layers.1.mlp.down_proj.weight_scale"] * 4}))
+
+
+def _zero_layer(folder):
+    _edit_tensors(folder, lambda t: t.update({"model.layers.2.self_attn.o_proj.weight_scale": np.zeros_like(t["model.layers.2.self_attn.o_proj.weight_scale"])}))
+
+
+def _wrong_group_size(folder):
+    config = json.loads((folder / "config.json").read_text())
+    for group in config["quantization_config"]["config_groups"].values():
+        group["weights"]["group_size"] = 64
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _foreign_tokenizer(folder):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.train_from_iterator(["a completely different corpus of words"] * 50,
+                                  trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.save(str(folder / "tokenizer.json"))
+
+
+def _truncate(folder, name="model.safetensors"):
+    data = (folder / name).read_bytes()
+    (folder / name).write_bytes(data[: len(data) // 2])
+
+
+FAULTS = [
+    ("scales x4", "compressed-tensors", _scales_times_four, "model.layers.1.mlp.down_proj: its weights are far from the baseline's"),
+    ("zeroed layer", "compressed-tensors", _zero_layer, "model.layers.2.self_attn.o_proj: its weights are far from the baseline's"),
+    ("wrong group size", "compressed-tensors", _wrong_group_size, "config.json says group_size 64, but model.layers.0.self_attn.qkv_proj stores scales for groups of 128"),
+    ("foreign tokenizer", "compressed-tensors", _foreign_tokenizer, "tokenizer encodes the evaluation text differently from the baseline's"),
+    ("truncated weights", "compressed-tensors", _truncate, "model.safetensors is truncated"),
+    ("truncated gptq", "gptq", _truncate, "model.safetensors is truncated"),
+    ("truncated onnx data", "onnx", lambda f: _truncate(f, "model.onnx.data"), "model.onnx.data is truncated or missing"),
+    ("onnx tokenizer", "onnx", _foreign_tokenizer, "tokenizer encodes the evaluation text differently"),
+]
+
+
+@pytest.mark.parametrize("description, fmt, plant, sentence", FAULTS, ids=[f[0] for f in FAULTS])
+def test_planted_faults_are_rejected_with_a_sentence_naming_them(good, settings, tmp_path, description, fmt, plant, sentence):
+    broken = _copy(good[fmt], tmp_path)
+    plant(broken)
+    result, report = verify(broken, settings, tmp_path / "out")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert any(sentence in failure for failure in failures(report)), failures(report)
+    assert "does not pass" in result.stdout
+
+
+def test_unknown_folders_are_refused_in_one_sentence(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("hello")
+    result = run_cli("verify", str(tmp_path / "notes"), "--baseline", "builtin:tiny-phi4-mini")
+    assert result.returncode == 2
+    assert result.stdout.strip().startswith("error: cannot tell the format of")
