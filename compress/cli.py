@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -47,7 +48,12 @@ def run(
     except MeasurementError as error:  # the original model itself would not run: nothing to compare against
         _fail(f"the baseline could not be measured: {error}", 1)
     except KeyboardInterrupt:
-        _fail("interrupted; completed stages are kept in the run folder", 130)
+        _fail("interrupted; finished stages are kept and the next run on this folder resumes from them", 130)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        _fail(f"no space left on the device while writing {out}; nothing partial was released, and the next run "
+              "on this folder resumes from the finished stages", 1)
     released = [v for v in report["variants"] if v["released"]]
     console.print(f"Report: {out / 'report.md'}  ({len(released)} of {len(report['variants'])} artifact(s) released)")
     raise typer.Exit(0 if len(released) == len(report["variants"]) else 1)
@@ -124,12 +130,19 @@ def _quiet_libraries() -> None:
 
 
 def _check_out(out: Path, model_spec: str) -> None:
-    """Refuse an output folder that is a file or sits inside the model folder."""
+    """Refuse an output folder that is a file, sits inside the model folder, or cannot be written."""
     if out.exists() and not out.is_dir():
         raise RecipeError(f"output {out} exists and is not a folder")
     model_path = Path(model_spec).expanduser()
     if model_path.is_dir() and out.resolve().is_relative_to(model_path.resolve()):
         raise RecipeError(f"output {out} is inside the model folder {model_spec}; choose a folder outside it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise RecipeError(f"output folder {out} is not writable ({error.strerror or error})") from None
 
 
 def main() -> None:

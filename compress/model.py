@@ -7,6 +7,7 @@ folder never touches the network; a hub id is the only thing that may. trust_rem
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,11 @@ def _download(repo_id: str) -> Path:
             )
         )
     except Exception as error:  # the hub client raises many kinds; all mean "cannot get it"
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or any(
+            word in type(error).__name__ for word in ("Connect", "Timeout", "LocalEntryNotFound", "OfflineMode"))
+        if offline:
+            raise ModelError(f"cannot download {repo_id}: no network (or HF_HUB_OFFLINE is set) and it is not in the "
+                             "local Hugging Face cache; download it elsewhere and give its local folder") from None
         raise ModelError(
             f"could not fetch {repo_id} from the Hugging Face hub ({type(error).__name__}); "
             "check the id and the network, or give a local folder"
@@ -117,10 +123,17 @@ def inspect_model(spec: str) -> ModelInfo:
         raise ModelError(f"{spec} is a {found} model; compress handles Phi-3-architecture (Phi-4 family) checkpoints only")
     parameters = weight_bytes = 0
     dtypes: dict[str, int] = {}
-    for file in weight_files(path):
+    shapes: dict[str, list[int]] = {}
+    files = weight_files(path)
+    from compress.check import truncation_problems
+
+    if problems := truncation_problems(path):
+        raise ModelError(f"{spec}: {problems[0]}")
+    for file in files:
         for name, entry in _safetensors_header(file).items():
             if name == "__metadata__":
                 continue
+            shapes[name] = entry["shape"]
             count = 1
             for dim in entry["shape"]:
                 count *= dim
@@ -129,8 +142,35 @@ def inspect_model(spec: str) -> ModelInfo:
             dtypes[entry["dtype"]] = dtypes.get(entry["dtype"], 0) + count
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer.model").is_file():
         raise ModelError(f"{spec} has no tokenizer (tokenizer.json or tokenizer.model)")
+    if mismatch := config_mismatch(config, shapes):
+        raise ModelError(f"{spec}: config.json does not match the weights: {mismatch}")
     stored = max(dtypes, key=dtypes.get) if dtypes else "F32"
     return ModelInfo(spec, path, config, parameters, weight_bytes, stored)
+
+
+def config_mismatch(config: dict, shapes: dict[str, list[int]]) -> str | None:
+    """The first way the weights' shapes contradict config.json, as words; None when they agree."""
+    try:
+        hidden, vocab = int(config["hidden_size"]), int(config["vocab_size"])
+        layers, heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or hidden // heads)
+    except (KeyError, TypeError, ValueError) as error:
+        return f"it lacks a usable {error}"
+    expected = {
+        "model.embed_tokens.weight": [vocab, hidden],
+        "model.layers.0.self_attn.qkv_proj.weight": [(heads + 2 * kv_heads) * head_dim, hidden],
+        "model.layers.0.mlp.gate_up_proj.weight": [2 * int(config.get("intermediate_size", 0)), hidden],
+    }
+    for name, shape in expected.items():
+        if name in shapes and list(shapes[name]) != shape:
+            return f"{name} is {list(shapes[name])}, but the config implies {shape}"
+        if name not in shapes:
+            return f"{name} is missing from the weights"
+    found = {int(name.split(".")[2]) for name in shapes if name.startswith("model.layers.")}
+    if found != set(range(layers)):
+        return f"it says {layers} layers but the weights hold {len(found)}"
+    return None
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ preflight -> data -> baseline -> quantize + export -> verify -> gate -> release 
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from compress.data import (
 from compress.model import ModelError, ModelInfo, estimate_memory, inspect_model
 from compress.produce import produce
 from compress.recipe import Recipe, Variant
-from compress.release import build_manifest, package_versions, release, write_json_atomic
+from compress.release import build_manifest, package_versions, release, release_is_current, write_json_atomic
 from compress.report import write_report
 from compress.results import FAIL, NOT_VERIFIED, PASS, Artifact, Outcome, Verdict
 from compress.ui import progress_bar, stage
@@ -54,7 +56,7 @@ class Baseline:
     missing: dict[str, str]  # target -> why it could not be measured here
 
 
-def preflight(recipe: Recipe, model_spec: str, console: Console) -> ModelInfo:
+def preflight(recipe: Recipe, model_spec: str, console: Console, out: Path) -> ModelInfo:
     """Resolve and inspect the model, check every variant fits it, and refuse early if memory is short."""
     info = inspect_model(model_spec)
     config = info.config
@@ -80,11 +82,30 @@ def preflight(recipe: Recipe, model_spec: str, console: Console) -> ModelInfo:
         raise ModelError(
             f"{info.spec} needs about {plan.largest() / gib:.1f} GiB of memory but only {available / gib:.1f} GiB is available"
         )
+    disk_needed, disk_free = estimate_disk(recipe, info), shutil.disk_usage(_existing_parent(out)).free
+    console.print(f"   disk needed for the run folder: about {disk_needed / 2**20:.0f} MiB; free {disk_free / 2**20:.0f} MiB")
+    if disk_needed > disk_free:
+        raise ModelError(f"the run needs about {disk_needed / 2**20:.0f} MiB of disk in {out} but only "
+                         f"{disk_free / 2**20:.0f} MiB is free; free some space or choose another --out")
     if "cuda" in recipe.targets and (free := free_device_memory("cuda")) is not None:
         console.print(f"   GPU memory needed to verify: {plan.device_verify / gib:.1f} GiB; free {free / gib:.1f} GiB")
         if plan.device_verify > free and recipe.targets["cuda"].required:
             raise ModelError(f"{info.spec} needs about {plan.device_verify / gib:.1f} GiB of GPU memory but only {free / gib:.1f} GiB is free")
     return info
+
+
+def estimate_disk(recipe: Recipe, info: ModelInfo) -> int:
+    """Bytes a run writes, on the generous side: each artifact at most half the stored model (int4/int8
+    weights, scales, a float head), a saved calibration per calibrated variant, fp32 graphs where built."""
+    artifacts = sum(len(v.formats) + (0 if v.is_onnx else 1) for v in recipe.variants)
+    fp32_graphs = sum(v.method == "onnx-int8-dynamic" for v in recipe.variants)
+    return int(info.weight_bytes * 0.5 * artifacts + info.parameters * 4 * fp32_graphs + 64 * 2**20)
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
 
 
 def prepare_data(recipe: Recipe, info: ModelInfo, run_dir: Path) -> RunData:
@@ -93,6 +114,9 @@ def prepare_data(recipe: Recipe, info: ModelInfo, run_dir: Path) -> RunData:
 
     tokenizer = AutoTokenizer.from_pretrained(info.path, local_files_only=True, trust_remote_code=False)
     tokenizer.model_max_length = 1 << 30  # documents are cut into windows here, not by the tokenizer
+    if len(tokenizer) > int(info.config["vocab_size"]):
+        raise ModelError(f"{info.spec}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
+                         f"{info.config['vocab_size']}: they belong to different models")
     evaluation, calibration = recipe.evaluation, recipe.calibration
     eval_stream = token_stream(load_documents(evaluation.dataset), tokenizer)
     windows = evaluation_windows(eval_stream, evaluation.seq_len, evaluation.windows, evaluation.dataset)
@@ -202,6 +226,47 @@ def decide(recipe: Recipe, verdicts: dict[str, Verdict]) -> list[str]:
     return reasons
 
 
+def _digest(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def calibration_stamp(variant: Variant, context: dict) -> str:
+    """Everything a variant's calibration depends on: if it is unchanged, the saved calibration is reused."""
+    settings = variant.model_dump(mode="json", by_alias=True, exclude={"gates", "formats"})
+    return _digest({"variant": settings, "model": context["model"]["fingerprint"], "data": context["data"],
+                    "sensitivity": context["recipe"]["evaluation"]["sensitivity_samples"], "versions": context["versions"]})
+
+
+def variant_stamp(recipe: Recipe, variant: Variant, context: dict, earlier: dict[str, str]) -> str:
+    """Everything a variant's released artifacts depend on, its `from:` source's stamp included."""
+    return _digest({"calibration": calibration_stamp(variant, context), "formats": variant.formats,
+                    "evaluation": context["recipe"]["evaluation"], "targets": context["recipe"]["targets"],
+                    "gates": recipe.gates_for(variant).model_dump(), "source": earlier.get(variant.from_ or "")})
+
+
+def expected_formats(recipe: Recipe, variant: Variant) -> list[str]:
+    if not variant.is_onnx:
+        return list(variant.formats)
+    return ["onnx"] + [f"onnx-{t}" for t in recipe.targets if t != "cpu" and availability(t, "onnxruntime-genai") is None]
+
+
+def released_outcomes(recipe: Recipe, variant: Variant, out: Path, stamp: str) -> list[Outcome] | None:
+    """The variant's outcomes from an earlier run, when every format was released from the same inputs."""
+    outcomes = []
+    for fmt in expected_formats(recipe, variant):
+        folder = out / "release" / variant.name / fmt
+        manifest = release_is_current(folder, stamp)
+        if manifest is None:
+            return None
+        bits = {key: manifest.get(key) for key in ("bits_per_weight", "bits_per_weight_all")}
+        details = {**manifest.get("quantization", {}), "resumed": "kept from an earlier run with the same inputs"}
+        artifact = Artifact(variant.name, manifest["method"], fmt, folder, manifest["runtime"], manifest["size_bytes"],
+                            bits, details)
+        verdicts = {target: Verdict(**verdict) for target, verdict in manifest["verdicts"].items()}
+        outcomes.append(Outcome(artifact, verdicts, True, []))
+    return outcomes
+
+
 def model_fingerprint(info: ModelInfo) -> str:
     """sha256 over config.json and each weight file's name, size and header: cheap even for 14B models."""
     digest = hashlib.sha256((info.path / "config.json").read_bytes())
@@ -215,7 +280,7 @@ def model_fingerprint(info: ModelInfo) -> str:
 def baseline_stages(recipe: Recipe, recipe_path: str, model_spec: str, out: Path, console: Console):
     """Stages 1-3, shared by `compress run` and `compress verify`. -> (info, data, baseline, context)."""
     with stage(console, 1, "Preflight") as line:
-        info = preflight(recipe, model_spec, console)
+        info = preflight(recipe, model_spec, console, out)
         out.mkdir(parents=True, exist_ok=True)
         line.done(f"{info.spec} is a Phi-3-architecture model and fits in memory")
     with stage(console, 2, "Data") as line:
@@ -248,30 +313,44 @@ def run(recipe: Recipe, recipe_path: str, out: Path, model_spec: str | None = No
     console = console or Console()
     info, data, baseline, context = baseline_stages(recipe, recipe_path, model_spec or recipe.model, out, console)
     outcomes: list[Outcome] = []
+    stamps: dict[str, str] = {}
+    kept: list[str] = []
     with stage(console, 4, "Quantize, export, verify", spinner=False) as line:
         with progress_bar(console) as bar:
             task = bar.add_task("variants", total=len(recipe.variants))
             for variant in recipe.variants:
+                stamps[variant.name] = variant_stamp(recipe, variant, context, stamps)
+                reused = released_outcomes(recipe, variant, out, stamps[variant.name])
+                if reused is not None:  # resumed: released before from the same inputs, files intact
+                    outcomes += reused
+                    kept.append(variant.name)
+                    bar.advance(task)
+                    continue
                 bar.update(task, description=f"{variant.name}: quantizing ({variant.method})")
-                artifacts = produce(variant, recipe, info, data.samples, out)
+                artifacts = produce(variant, recipe, info, data.samples, out, calibration_stamp(variant, context))
                 for artifact in artifacts:
                     bar.update(task, description=f"{variant.name}: verifying {artifact.format}")
                     verdicts = verify_artifact(recipe, variant, artifact, baseline, data, out)
                     reasons = decide(recipe, verdicts)
                     outcomes.append(Outcome(artifact, verdicts, not reasons, reasons))
                 bar.advance(task)
-        line.done(f"{len(outcomes)} artifact(s) from {len(recipe.variants)} variant(s)")
+        line.done(f"{len(outcomes)} artifact(s) from {len(recipe.variants)} variant(s)"
+                  + (f"; unchanged since their release, skipped: {', '.join(kept)}" if kept else ""))
 
     with stage(console, 5, "Release") as line:
         released = []
         for index, outcome in enumerate(outcomes):
-            write_json_atomic(outcome.artifact.path / "manifest.json", build_manifest(outcome, context))
+            if outcome.artifact.variant in kept:
+                continue
+            manifest = build_manifest(outcome, {**context, "inputs_stamp": stamps[outcome.artifact.variant]})
+            write_json_atomic(outcome.artifact.path / "manifest.json", manifest)
             if outcome.released:
                 destination = out / "release" / outcome.artifact.variant / outcome.artifact.format
-                moved = Artifact(**{**outcome.artifact.__dict__, "path": release(outcome.artifact.path, destination)})
-                outcomes[index] = Outcome(moved, outcome.verdicts, True, [])
+                moved_to = release(outcome.artifact.path, destination, out / "work" / "retired")
+                outcomes[index] = Outcome(Artifact(**{**outcome.artifact.__dict__, "path": moved_to}), outcome.verdicts, True, [])
                 released.append(f"{outcome.artifact.variant}/{outcome.artifact.format}")
-        line.done(f"released {len(released)} of {len(outcomes)}" + (f": {', '.join(released)}" if released else ""))
+        line.done(f"released {len(released)} of {len(outcomes)}" + (f": {', '.join(released)}" if released else "")
+                  + (f"; kept {len(kept)} variant(s) released earlier" if kept else ""))
 
     with stage(console, 6, "Report") as line:
         report = write_report(out, recipe, info, baseline, outcomes, context, console)

@@ -8,6 +8,7 @@ this one in `from:`, is written from that folder; nothing is calibrated twice.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from compress.model import ModelInfo
 from compress.quantize.llmc import QUANTIZERS
 from compress.quantize.plan import KEEP, plan_summary, resolve_plan
 from compress.quiet import library_output_to
+from compress.release import write_json_atomic
 from compress.results import NOT_APPLICABLE, NOT_VERIFIED, Artifact
 from compress.verify.layers import layer_sensitivity
 from compress.verify.size import checkpoint_bits, folder_bytes, onnx_bits_per_weight, read_onnx
@@ -60,25 +62,46 @@ def calibrated_folder(run_dir: Path, variant: str) -> Path:
     return run_dir / "work" / variant / "calibrated"
 
 
-def produce(variant, recipe, info: ModelInfo, samples, run_dir: Path) -> list[Artifact]:
-    """Every artifact of `variant`, written into staging/ with what its quantization decided."""
+def produce(variant, recipe, info: ModelInfo, samples, run_dir: Path, stamp: str = "") -> list[Artifact]:
+    """Every artifact of `variant`, written into staging/ with what its quantization decided.
+
+    A calibration saved by an earlier run with the same `stamp` (same settings, model, data, versions) is
+    reused instead of calibrating again.
+    """
     space = Workspace(run_dir, variant.name)
     with library_output_to(space.log):
         if variant.is_onnx:
             return _onnx_artifacts(variant, recipe, info, run_dir, space)
-        return _calibrated_artifacts(variant, recipe, info, samples, run_dir, space)
+        return _calibrated_artifacts(variant, recipe, info, samples, run_dir, space, stamp)
 
 
-def _calibrated_artifacts(variant, recipe, info: ModelInfo, samples, run_dir: Path, space: Workspace) -> list[Artifact]:
-    model, tokenizer, details = QUANTIZERS[variant.method](info.path, variant, samples)
+def saved_calibration(run_dir: Path, variant: str, stamp: str) -> dict | None:
+    """The details of a finished calibration with this stamp, if one is on disk."""
+    record = run_dir / "work" / variant / "calibration.json"
+    if not stamp or not record.is_file() or not (calibrated_folder(run_dir, variant) / "config.json").is_file():
+        return None
+    details = json.loads(record.read_text())
+    return details if details.get("stamp") == stamp else None
+
+
+def _calibrated_artifacts(variant, recipe, info: ModelInfo, samples, run_dir: Path, space: Workspace, stamp: str) -> list[Artifact]:
     calibrated = calibrated_folder(run_dir, variant.name)
-    shutil.rmtree(calibrated, ignore_errors=True)
-    write_compressed_tensors(model, tokenizer, info.path, calibrated)
-    del model
-    if recipe.evaluation.sensitivity_samples:
-        details["sensitivity"] = layer_sensitivity(info.path, calibrated, details["layer_plan"], variant.group_size,
-                                                   variant.symmetric, samples[: recipe.evaluation.sensitivity_samples])
-    space.work("calibration.json").write_text(json.dumps(details, indent=2))
+    details = saved_calibration(run_dir, variant.name, stamp)
+    if details is None:
+        model, tokenizer, details = QUANTIZERS[variant.method](info.path, variant, samples)
+        partial = calibrated.parent / "calibrating"
+        shutil.rmtree(partial, ignore_errors=True)
+        write_compressed_tensors(model, tokenizer, info.path, partial)
+        del model
+        shutil.rmtree(calibrated, ignore_errors=True)
+        os.replace(partial, calibrated)  # a killed run never leaves half a calibration
+        if recipe.evaluation.sensitivity_samples:
+            details["sensitivity"] = layer_sensitivity(info.path, calibrated, details["layer_plan"], variant.group_size,
+                                                       variant.symmetric, samples[: recipe.evaluation.sensitivity_samples])
+        details["stamp"] = stamp
+        write_json_atomic(space.work("calibration.json"), details)
+    else:
+        details["reused"] = True
     details = {**details, "log": str(space.log)}
     artifacts = []
     for fmt in variant.formats:

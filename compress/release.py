@@ -72,11 +72,16 @@ def build_manifest(outcome: Outcome, context: dict) -> dict:
     }
 
 
-def release(staging: Path, destination: Path) -> Path:
-    """Move a verified staging folder into release/ by atomic rename, replacing an older release."""
+def release(staging: Path, destination: Path, trash: Path) -> Path:
+    """Move a verified staging folder into release/ by atomic rename, replacing an older release.
+
+    An older release is first moved out of release/ into `trash` (same file system), so a kill between the
+    two renames leaves release/ without that artifact, never with a stale or partial one beside it.
+    """
     destination.parent.mkdir(parents=True, exist_ok=True)
     if destination.exists():
-        retired = destination.with_name(destination.name + ".retired")
+        trash.mkdir(parents=True, exist_ok=True)
+        retired = trash / f"{destination.parent.name}-{destination.name}-{os.getpid()}"
         shutil.rmtree(retired, ignore_errors=True)
         os.rename(destination, retired)
         os.rename(staging, destination)
@@ -84,3 +89,17 @@ def release(staging: Path, destination: Path) -> Path:
     else:
         os.rename(staging, destination)
     return destination
+
+
+def release_is_current(folder: Path, stamp: str) -> dict | None:
+    """The manifest of a released artifact made from the same inputs, whose files still match it; else None."""
+    manifest_file = folder / "manifest.json"
+    if not manifest_file.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except json.JSONDecodeError:
+        return None
+    if manifest.get("inputs_stamp") != stamp or manifest.get("files") != file_hashes(folder):
+        return None
+    return manifest

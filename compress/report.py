@@ -35,6 +35,7 @@ def build_report(out: Path, recipe, info, baseline, outcomes, context) -> dict:
             "awq_skipped_mappings": artifact.details.get("awq", {}).get("skipped"),
             "builder_options": artifact.details.get("builder_options"),
             "sensitivity": artifact.details.get("sensitivity"),
+            "resumed": artifact.details.get("resumed"),
             "targets": {
                 target: {"status": verdict.status, "failures": verdict.failures, "metrics": verdict.metrics,
                          "environment": verdict.environment}
@@ -160,7 +161,7 @@ def verdict_lines(report: dict) -> list[str]:
     for variant in report["variants"]:
         label = f"{variant['name']} ({variant['format']})"
         if variant["released"]:
-            lines.append(f"{label}: released to {variant['path']}")
+            lines.append(f"{label}: released to {variant['path']}" + (f" ({variant['resumed']})" if variant.get("resumed") else ""))
         else:
             lines.append(f"{label}: not released: " + "; ".join(variant["not_released_because"]))
         for target, result in variant["targets"].items():

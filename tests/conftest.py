@@ -15,9 +15,9 @@ def private_cache(tmp_path_factory):
 DEMO_RECIPE = ROOT / "recipes" / "tiny-phi4-mini.yaml"
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     """The real `compress` command in a fresh process, as a user runs it."""
-    environment = {**os.environ, "COLUMNS": "200"}
+    environment = {**os.environ, "COLUMNS": "200", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "compress.cli", *args],
         capture_output=True, text=True, cwd=cwd or ROOT, env=environment, timeout=timeout,
