@@ -6,7 +6,6 @@ preflight -> data -> baseline -> quantize + export -> verify -> gate -> release 
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +27,10 @@ from compress.data import (
 from compress.model import ModelError, ModelInfo, estimate_memory, inspect_model
 from compress.produce import produce
 from compress.recipe import Recipe, Variant
-from compress.release import build_manifest, package_versions, release, release_is_current, write_json_atomic
+from compress.release import build_manifest, package_versions, release, write_json_atomic
 from compress.report import write_report
 from compress.results import FAIL, NOT_VERIFIED, PASS, Artifact, Outcome, Verdict
+from compress.resume import calibration_stamp, released_outcomes, variant_stamp
 from compress.ui import progress_bar, stage
 from compress.verify.gates import check_gates
 from compress.verify.generation import generation_figures
@@ -224,47 +224,6 @@ def decide(recipe: Recipe, verdicts: dict[str, Verdict]) -> list[str]:
         elif verdict.status == NOT_VERIFIED and recipe.targets[target].required:
             reasons.append(f"{target} is required but was not verified: {verdict.failures[0]}")
     return reasons
-
-
-def _digest(parts: dict) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def calibration_stamp(variant: Variant, context: dict) -> str:
-    """Everything a variant's calibration depends on: if it is unchanged, the saved calibration is reused."""
-    settings = variant.model_dump(mode="json", by_alias=True, exclude={"gates", "formats"})
-    return _digest({"variant": settings, "model": context["model"]["fingerprint"], "data": context["data"],
-                    "sensitivity": context["recipe"]["evaluation"]["sensitivity_samples"], "versions": context["versions"]})
-
-
-def variant_stamp(recipe: Recipe, variant: Variant, context: dict, earlier: dict[str, str]) -> str:
-    """Everything a variant's released artifacts depend on, its `from:` source's stamp included."""
-    return _digest({"calibration": calibration_stamp(variant, context), "formats": variant.formats,
-                    "evaluation": context["recipe"]["evaluation"], "targets": context["recipe"]["targets"],
-                    "gates": recipe.gates_for(variant).model_dump(), "source": earlier.get(variant.from_ or "")})
-
-
-def expected_formats(recipe: Recipe, variant: Variant) -> list[str]:
-    if not variant.is_onnx:
-        return list(variant.formats)
-    return ["onnx"] + [f"onnx-{t}" for t in recipe.targets if t != "cpu" and availability(t, "onnxruntime-genai") is None]
-
-
-def released_outcomes(recipe: Recipe, variant: Variant, out: Path, stamp: str) -> list[Outcome] | None:
-    """The variant's outcomes from an earlier run, when every format was released from the same inputs."""
-    outcomes = []
-    for fmt in expected_formats(recipe, variant):
-        folder = out / "release" / variant.name / fmt
-        manifest = release_is_current(folder, stamp)
-        if manifest is None:
-            return None
-        bits = {key: manifest.get(key) for key in ("bits_per_weight", "bits_per_weight_all")}
-        details = {**manifest.get("quantization", {}), "resumed": "kept from an earlier run with the same inputs"}
-        artifact = Artifact(variant.name, manifest["method"], fmt, folder, manifest["runtime"], manifest["size_bytes"],
-                            bits, details)
-        verdicts = {target: Verdict(**verdict) for target, verdict in manifest["verdicts"].items()}
-        outcomes.append(Outcome(artifact, verdicts, True, []))
-    return outcomes
 
 
 def model_fingerprint(info: ModelInfo) -> str:

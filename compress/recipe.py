@@ -16,6 +16,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from compress.sweeps import expand_matrix
 from compress.verify.generation import DEFAULT_PROMPTS
 
 # method -> formats it can write; the first is the default.
@@ -55,6 +56,12 @@ class LocatedError(Exception):
     def __init__(self, location: tuple, message: str):
         super().__init__(message)
         self.location, self.message = location, message
+
+
+def _one_of(value, allowed: tuple):
+    if value not in allowed:
+        raise ValueError(f"must be one of {', '.join(map(str, allowed))}")
+    return value
 
 
 class Strict(BaseModel):
@@ -148,16 +155,12 @@ class Variant(Strict):
     @field_validator("method")
     @classmethod
     def known_method(cls, value: str) -> str:
-        if value not in METHODS:
-            raise ValueError(f"must be one of {', '.join(METHODS)}")
-        return value
+        return _one_of(value, METHODS)
 
     @field_validator("bits")
     @classmethod
     def known_bits(cls, value: int) -> int:
-        if value not in BITS:
-            raise ValueError(f"must be one of {', '.join(map(str, BITS))}")
-        return value
+        return _one_of(value, BITS)
 
     @field_validator("group_size")
     @classmethod
@@ -180,9 +183,7 @@ class Variant(Strict):
     @field_validator("algorithm")
     @classmethod
     def known_algorithm(cls, value: str) -> str:
-        if value not in ONNX_ALGORITHMS:
-            raise ValueError(f"must be one of {', '.join(ONNX_ALGORITHMS)}")
-        return value
+        return _one_of(value, ONNX_ALGORITHMS)
 
     @model_validator(mode="after")
     def consistent(self) -> Variant:
@@ -219,33 +220,6 @@ class Variant(Strict):
         if self.n_grid != 20 and self.method != "awq":
             raise ValueError(f"n_grid: only awq searches a grid, not {self.method}")
         return self
-
-
-# How an expanded sweep variant is named: "<name>-<part>-<part>", in this order of keys.
-SWEEP_NAME_PARTS = {
-    "method": lambda value: str(value),
-    "bits": lambda value: f"w{value}",
-    "group_size": lambda value: f"g{value}",
-    "symmetric": lambda value: "sym" if value else "asym",
-}
-
-
-def expand_matrix(variant: dict) -> list[dict]:
-    """One variant per combination of a `matrix:` block's lists, named predictably (e.g. sweep-gptq-w3-g32)."""
-    import itertools
-
-    matrix = variant.get("matrix")
-    if matrix is None:
-        return [variant]
-    if not isinstance(matrix, dict) or not matrix or not all(isinstance(v, list) and v for v in matrix.values()):
-        raise ValueError("matrix: must map option names to non-empty lists, e.g. {bits: [3, 4], group_size: [32, 128]}")
-    keys = sorted(matrix, key=lambda key: list(SWEEP_NAME_PARTS).index(key) if key in SWEEP_NAME_PARTS else len(SWEEP_NAME_PARTS))
-    base = {key: value for key, value in variant.items() if key != "matrix"}
-    expanded = []
-    for values in itertools.product(*(matrix[key] for key in keys)):
-        parts = [SWEEP_NAME_PARTS.get(key, lambda v, k=key: f"{k}{v}")(value) for key, value in zip(keys, values, strict=True)]
-        expanded.append({**base, **dict(zip(keys, values, strict=True)), "name": "-".join([str(base.get("name", "sweep")), *parts])})
-    return expanded
 
 
 class Recipe(Strict):

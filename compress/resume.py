@@ -1,0 +1,58 @@
+"""Resuming a run: what each variant's work depends on, and the released artifacts still valid for it.
+
+A stamp is a hash of every input of a stage (settings, model fingerprint, data hashes, library versions).
+A released artifact whose manifest carries the same stamp and whose files still match its hashes is kept;
+a saved calibration with the same calibration stamp is reused (compress.produce).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from compress.recipe import Recipe, Variant
+from compress.release import release_is_current
+from compress.results import Artifact, Outcome, Verdict
+from compress.verify.targets import availability
+
+
+def _digest(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def calibration_stamp(variant: Variant, context: dict) -> str:
+    """Everything a variant's calibration depends on: if it is unchanged, the saved calibration is reused."""
+    settings = variant.model_dump(mode="json", by_alias=True, exclude={"gates", "formats"})
+    return _digest({"variant": settings, "model": context["model"]["fingerprint"], "data": context["data"],
+                    "sensitivity": context["recipe"]["evaluation"]["sensitivity_samples"], "versions": context["versions"]})
+
+
+def variant_stamp(recipe: Recipe, variant: Variant, context: dict, earlier: dict[str, str]) -> str:
+    """Everything a variant's released artifacts depend on, its `from:` source's stamp included."""
+    return _digest({"calibration": calibration_stamp(variant, context), "formats": variant.formats,
+                    "evaluation": context["recipe"]["evaluation"], "targets": context["recipe"]["targets"],
+                    "gates": recipe.gates_for(variant).model_dump(), "source": earlier.get(variant.from_ or "")})
+
+
+def expected_formats(recipe: Recipe, variant: Variant) -> list[str]:
+    if not variant.is_onnx:
+        return list(variant.formats)
+    return ["onnx"] + [f"onnx-{t}" for t in recipe.targets if t != "cpu" and availability(t, "onnxruntime-genai") is None]
+
+
+def released_outcomes(recipe: Recipe, variant: Variant, out: Path, stamp: str) -> list[Outcome] | None:
+    """The variant's outcomes from an earlier run, when every format was released from the same inputs."""
+    outcomes = []
+    for fmt in expected_formats(recipe, variant):
+        folder = out / "release" / variant.name / fmt
+        manifest = release_is_current(folder, stamp)
+        if manifest is None:
+            return None
+        bits = {key: manifest.get(key) for key in ("bits_per_weight", "bits_per_weight_all")}
+        details = {**manifest.get("quantization", {}), "resumed": "kept from an earlier run with the same inputs"}
+        artifact = Artifact(variant.name, manifest["method"], fmt, folder, manifest["runtime"], manifest["size_bytes"],
+                            bits, details)
+        verdicts = {target: Verdict(**verdict) for target, verdict in manifest["verdicts"].items()}
+        outcomes.append(Outcome(artifact, verdicts, True, []))
+    return outcomes
