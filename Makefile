@@ -44,3 +44,9 @@ model: install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+
+# Benchmarks (at most 30 minutes on 2 cores; run them alone on the machine). Writes
+# benchmarks/results/<date>-<host>.json and .md and prints the table. One: python -m benchmarks.run --only decode
+.PHONY: bench
+bench: install
+	$(PY) -m benchmarks.run

@@ -83,6 +83,12 @@ def run_builder(source: Path, out: Path, precision: str, target: str, options: d
     shutil.rmtree(out, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
     log.parent.mkdir(parents=True, exist_ok=True)
+    if precision == "fp32":
+        # With tied embeddings the builder's fp32 graph gathers embedding rows from Transpose(lm_head weight),
+        # which onnxruntime does not constant-fold at this size: Phi-4-mini transposed its 2.5 GB head on every
+        # forward pass (~3.7 s per token; benchmarks/). A table of its own costs the same disk in the
+        # onnx-int8-dynamic artifacts made from this graph, which kept the fp32 head for that Transpose.
+        options = {"shared_embeddings": "false", **options}
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(out),
                "-p", precision, "-e", EXECUTION_PROVIDERS[target], "-c", str(cache),
                "--extra_options", *(f"{key}={value}" for key, value in options.items())]

@@ -1,0 +1,114 @@
+"""What every benchmark shares: the cache, the environment recorded with each figure, and subprocesses
+whose wall time and peak RSS are their own."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("BENCH_CACHE", ROOT / "benchmarks" / ".cache"))
+RESULTS = ROOT / "benchmarks" / "results"
+PACKAGES = ("torch", "transformers", "llmcompressor", "compressed-tensors", "onnxruntime", "onnxruntime-genai", "numpy")
+
+
+def threads() -> int:
+    return int(os.environ.get("COMPRESS_THREADS", os.cpu_count() or 1))
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment() -> dict:
+    """Host, CPU, threads, memory and library versions: recorded with every figure."""
+    import psutil
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return {
+        "host": socket.gethostname(), "cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "versions": versions,
+    }
+
+
+def run_measured(command: list[str], log: Path, env: dict | None = None, timeout: float | None = None) -> dict:
+    """Run `command` in a fresh process. -> wall seconds, peak RSS (MiB) of the largest process in its tree,
+    and `others_cpu`: the share of the machine's CPU time that other processes used meanwhile (0 = it ran
+    alone; 0.5 on 2 cores = another job held one core), from /proc/stat minus the child's own CPU time.
+
+    Peak RSS comes from wait4's ru_maxrss, which covers the child and the descendants it waited for. This
+    runner holds no models, so what a child inherits from it at fork is small.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    environment_vars = {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+                        "PYTHONPATH": str(ROOT), **(env or {})}
+    busy_before = _busy_cpu_seconds()
+    with log.open("w") as handle:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, env=environment_vars)
+        deadline = None if timeout is None else started + timeout
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            if deadline and time.perf_counter() > deadline:
+                process.kill()
+            time.sleep(0.05)
+        seconds = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    others = _busy_cpu_seconds() - busy_before - usage.ru_utime - usage.ru_stime
+    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "returncode": process.returncode, "log": str(log),
+            "others_cpu": round(max(others, 0.0) / (seconds * (os.cpu_count() or 1)), 3)}
+
+
+def _busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all cores; /proc/stat, not idle or iowait)."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(value) for value in handle.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class ProbeError(RuntimeError):
+    """A measuring subprocess failed; the message is its last line and where its log is."""
+
+
+def probe(mode: str, job: dict, name: str, timeout: float | None = None) -> dict:
+    """`python -m benchmarks.probe MODE JOB.json` in a fresh process; its result JSON plus wall time and peak RSS."""
+    folder = CACHE / "jobs"
+    folder.mkdir(parents=True, exist_ok=True)
+    job_file, result_file = folder / f"{name}.job.json", folder / f"{name}.result.json"
+    result_file.unlink(missing_ok=True)
+    job_file.write_text(json.dumps({**job, "result": str(result_file)}, indent=1))
+    measured = run_measured([sys.executable, "-m", "benchmarks.probe", mode, str(job_file)], folder / f"{name}.log", timeout=timeout)
+    if measured["returncode"] != 0 or not result_file.is_file():
+        lines = [line for line in Path(measured["log"]).read_text(errors="replace").splitlines() if line.strip()]
+        raise ProbeError(f"{mode} probe {name} failed: {lines[-1] if lines else measured['returncode']} (log: {measured['log']})")
+    return {**json.loads(result_file.read_text()), "process": measured}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

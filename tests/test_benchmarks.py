@@ -1,0 +1,190 @@
+"""The pure parts of benchmarks/: bytes per token, fits, targets, the Markdown table. No benchmark runs here."""
+
+import sys
+from pathlib import Path
+
+# benchmarks/ sits beside compress/ and is not installed: make it importable under a bare `pytest` too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from benchmarks.maths import (  # noqa: E402
+    TokenBytes,
+    bandwidth_use,
+    checkpoint_token_bytes,
+    dequantized_linear_bytes,
+    extrapolate,
+    gptq_work,
+    kv_cache_bytes,
+    linear_fit,
+    max_residual,
+    mean_decode_context,
+    onnx_token_bytes,
+    predicted_seconds,
+    target,
+)
+from benchmarks.run import _plan, parse  # noqa: E402
+from benchmarks.table import render, targets  # noqa: E402
+
+HIDDEN, VOCAB, INTERMEDIATE = 64, 1000, 128
+
+
+def float_checkpoint(tied: bool) -> dict:
+    """One layer of fp32 tensors, {name: (numel, nbytes)}, as compress.verify.size.read_tensors lists them."""
+    shapes = {
+        "model.embed_tokens.weight": VOCAB * HIDDEN,
+        "model.layers.0.self_attn.qkv_proj.weight": 3 * HIDDEN * HIDDEN,
+        "model.layers.0.self_attn.o_proj.weight": HIDDEN * HIDDEN,
+        "model.layers.0.mlp.gate_up_proj.weight": 2 * INTERMEDIATE * HIDDEN,
+        "model.layers.0.mlp.down_proj.weight": INTERMEDIATE * HIDDEN,
+        "model.layers.0.input_layernorm.weight": HIDDEN,
+        "model.norm.weight": HIDDEN,
+    }
+    if not tied:
+        shapes["lm_head.weight"] = VOCAB * HIDDEN
+    return {name: (numel, 4 * numel) for name, numel in shapes.items()}
+
+
+LAYER_WEIGHTS = 4 * HIDDEN * HIDDEN + 3 * INTERMEDIATE * HIDDEN
+
+
+def test_tied_float_checkpoint_reads_its_embedding_table_as_the_head_and_one_row():
+    linear, head, row = checkpoint_token_bytes(float_checkpoint(tied=True), VOCAB, tied=True)
+    assert linear == 4 * LAYER_WEIGHTS  # norms are not linear layers
+    assert head == 4 * VOCAB * HIDDEN
+    assert row == 4 * HIDDEN
+
+
+def test_compressed_tensors_layers_count_packed_weights_scales_and_shape():
+    tensors = {
+        "model.embed_tokens.weight": (VOCAB * HIDDEN, 4 * VOCAB * HIDDEN),
+        "lm_head.weight": (VOCAB * HIDDEN, 4 * VOCAB * HIDDEN),
+        "model.layers.0.mlp.down_proj.weight_packed": (HIDDEN * INTERMEDIATE // 8, HIDDEN * INTERMEDIATE // 2),
+        "model.layers.0.mlp.down_proj.weight_scale": (HIDDEN * INTERMEDIATE // 32, HIDDEN * INTERMEDIATE // 16),
+        "model.layers.0.mlp.down_proj.weight_shape": np.array([HIDDEN, INTERMEDIATE], dtype=np.int64),
+    }
+    linear, head, row = checkpoint_token_bytes(tensors, VOCAB, tied=False)
+    assert linear == HIDDEN * INTERMEDIATE // 2 + HIDDEN * INTERMEDIATE // 16 + 16  # 4.5 bits/weight + the shape
+    assert head == 4 * VOCAB * HIDDEN and row == 4 * HIDDEN
+    assert dequantized_linear_bytes(tensors, 4) == 4 * HIDDEN * INTERMEDIATE
+
+
+def int4_graph() -> tuple[dict, list]:
+    """A builder-style int4 graph: one MatMulNBits layer, an int4 head, the embedding gathered from the head."""
+    initializers = {
+        "qkv.weight_Q4": (HIDDEN * 3 * HIDDEN // 2, HIDDEN * 3 * HIDDEN // 2),
+        "qkv.weight_scales": (HIDDEN * 3 * HIDDEN // 32, 4 * HIDDEN * 3 * HIDDEN // 32),
+        "lm_head.weight_Q4": (HIDDEN * VOCAB // 2, HIDDEN * VOCAB // 2),
+        "lm_head.weight_scales": (HIDDEN * VOCAB // 32, 4 * HIDDEN * VOCAB // 32),
+        "norm.weight": (HIDDEN, 4 * HIDDEN),
+    }
+    nodes = [
+        ("GatherBlockQuantized", ["/embed/Reshape/output_0", "input_ids", "lm_head.weight_scales"], {"bits": 4}),
+        ("Gather", ["/mask/Shape/output_0", "/constants/1"], {}),
+        ("MatMulNBits", ["x", "qkv.weight_Q4", "qkv.weight_scales"], {"K": HIDDEN, "N": 3 * HIDDEN}),
+        ("SimplifiedLayerNormalization", ["y", "norm.weight"], {}),
+        ("MatMulNBits", ["z", "lm_head.weight_Q4", "lm_head.weight_scales"], {"K": HIDDEN, "N": VOCAB}),
+    ]
+    return initializers, nodes
+
+
+def test_int4_graph_bytes_with_an_embedding_shared_with_the_head():
+    linear, head, row = onnx_token_bytes(*int4_graph(), VOCAB, HIDDEN)
+    assert linear == 3 * HIDDEN * HIDDEN * 5 // 8  # 4 bits + an fp32 scale per 32 weights = 5 bits
+    assert head == VOCAB * HIDDEN * 5 // 8
+    assert row == HIDDEN * 5 // 8  # one row of the shared table, its scales counted once
+
+
+def test_fp32_graph_finds_the_head_by_its_shape_and_a_gather_table_of_its_own():
+    initializers = {"layer.weight": (HIDDEN * HIDDEN, 4 * HIDDEN * HIDDEN), "lm_head.weight": (HIDDEN * VOCAB, 4 * HIDDEN * VOCAB),
+                    "embed.weight": (VOCAB * HIDDEN, 4 * VOCAB * HIDDEN)}
+    nodes = [("Gather", ["embed.weight", "input_ids"], {}), ("MatMul", ["x", "layer.weight"], {}),
+             ("MatMul", ["y", "lm_head.weight"], {})]
+    assert onnx_token_bytes(initializers, nodes, VOCAB, HIDDEN) == (4 * HIDDEN * HIDDEN, 4 * HIDDEN * VOCAB, 4 * HIDDEN)
+
+
+def test_kv_cache_and_decode_context_by_hand():
+    # 2 layers × K and V × 8 heads × 128 dims × 160 positions × 4 bytes
+    assert kv_cache_bytes(2, 8, 128, 160, 4) == 2 * 2 * 8 * 128 * 160 * 4
+    assert mean_decode_context(128, 64) == 160  # steps see 129..191 positions: mean 160
+    assert TokenBytes(10, 20, 1, 5).total == 36
+
+
+def test_bandwidth_use_by_hand():
+    use = bandwidth_use(bytes_per_token=10**9, decode_tps=10.0, bound_bytes_per_s=20e9)
+    assert use == pytest.approx({"achieved_gb_per_s": 10.0, "share_of_bound": 0.5, "bound_tps": 20.0})
+
+
+def test_linear_fit_recovers_a_line_and_extrapolates():
+    fit = linear_fit([1, 2, 4], [3 + 2 * x for x in (1, 2, 4)])
+    assert fit == pytest.approx((3.0, 2.0))
+    assert extrapolate(fit, 40) == pytest.approx(83.0)
+    assert max_residual(fit, [1, 2, 4], [5, 7, 11]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_linear_fit_is_least_squares_and_refuses_one_point():
+    intercept, slope = linear_fit([1, 2, 3], [1, 3, 2])
+    assert (intercept, slope) == pytest.approx((1.0, 0.5))
+    assert max_residual((intercept, slope), [1, 2, 3], [1, 3, 2]) == pytest.approx(0.5 / 1)
+    with pytest.raises(ValueError):
+        linear_fit([2, 2], [1, 2])
+
+
+def test_gptq_work_and_predicted_time():
+    square = {"hidden_size": 4, "intermediate_size": 4, "num_attention_heads": 1, "num_key_value_heads": 1}
+    # (out, in): qkv (12, 4), o (4, 4), gate_up (8, 4), down (4, 4) -> out·in² + in³ each
+    assert gptq_work(square) == (12 + 4 + 8 + 4) * 16 + 4 * 64
+    assert predicted_seconds(4, [(1, 30.0), (2, 50.0)]) == 100.0  # from the deepest slice, by depth
+    assert predicted_seconds(1, [(2, 50.0)], scale=8.0) == 200.0
+    assert predicted_seconds(1, []) is None
+
+
+def test_targets_are_met_missed_or_not_measured():
+    assert target("t", 3.2, 3.0, at_least=True)["met"] is True
+    assert target("t", 1.2, 1.15, at_least=False)["met"] is False
+    assert target("t", None, 1.3, at_least=False)["met"] is None
+
+
+def results_by_hand() -> dict:
+    env = {"host": "box", "cpu": "Test CPU", "cores": 2, "threads": 2, "memory_gib": 24.0, "python": "3.11",
+           "load_average_at_start": [0.1, 0.1, 0.1], "versions": {"torch": "2.13.0"}}
+    artifact = {"runtime": "onnxruntime-genai", "size_bytes": 5 * 10**8, "prefill_128": {"tps": 70.0, "min": 60.0, "max": 75.0},
+                "prefill_512": {"tps": 69.0, "min": 68.0, "max": 70.0}, "decode": {"tps": 16.0, "min": 15.0, "max": 17.0},
+                "decode_speedup": 4.0, "peak_rss_mb": 900.0}
+    baseline = {**artifact, "runtime": "transformers", "decode": {"tps": 4.0, "min": 3.9, "max": 4.1}, "decode_speedup": 1.0}
+    results = {
+        "meta": {"date": "2026-01-01", "environment": env, "seconds": 100.0, "command": "python -m benchmarks.run"},
+        "decode": {"model": {"layers": 2, "parameters": 8e8, "vocab_size": 200064},
+                   "settings": {"prompt_lengths": [128, 512], "new_tokens": 64, "runs": 5},
+                   "artifacts": {"fp32 PyTorch": baseline, "ONNX int4": artifact}},
+        "overhead": {"verification": {"windows": 4, "seq_len": 256, "artifact": "onnx-int4-2L", "raw_forward_seconds": 10.0,
+                                      "worker_evaluate_seconds": 14.0, "ratio": 1.4}},
+        "errors": {"scaling": "ProbeError: out of time"},
+    }
+    results["targets"] = targets(results)
+    return results
+
+
+def test_targets_read_from_results():
+    found = {item["name"]: item["met"] for item in results_by_hand()["targets"]}
+    assert found["ONNX int4 decode ÷ fp32 PyTorch decode"] is True
+    assert found["verification pass ÷ raw onnxruntime-genai forward (time)"] is False
+    assert found["ONNX int4 achieved bandwidth ÷ measured bound"] is None
+
+
+def test_table_renders_rows_verdicts_and_errors():
+    text = render(results_by_hand())
+    assert "| ONNX int4 | onnxruntime-genai | 0.50 GB | 70.0 (60.0–75.0) | 69.0 (68.0–70.0) | 16.00 (15.00–17.00) | 4.00× | 900 MiB |" in text
+    assert "| met |" in text and "**missed**" in text and "not measured" in text
+    assert "**scaling failed**: ProbeError: out of time" in text
+    assert "Test CPU, 2 cores, 2 threads" in text
+
+
+def test_options_parse_and_refuse_mistakes():
+    assert _plan(["phi4:1,2", "phi4-mini:1,2,4"]) == {"phi4": [1, 2], "phi4-mini": [1, 2, 4]}
+    assert parse(["--only", "decode,bandwidth"]).only == ["decode", "bandwidth"]
+    with pytest.raises(SystemExit):
+        parse(["--only", "speed"])
+    with pytest.raises(SystemExit):
+        parse(["--runs", "3"])
