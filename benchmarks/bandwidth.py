@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.artifacts import all_artifacts
+from benchmarks.artifacts import all_artifacts, wide_model
 from benchmarks.common import log, probe, threads
-from benchmarks.decode import BASELINE, SPEED
+from benchmarks.decode import SPEED
 from benchmarks.maths import (
     TokenBytes,
     bandwidth_use,
@@ -71,9 +71,9 @@ def run(layers: int = 2, decode: dict | None = None) -> dict:
     measured = measure_bandwidth()
     bound = measured["bound_gb_per_s"] * 1e9
     context = mean_decode_context(SPEED["prompt_lengths"][0], SPEED["new_tokens"])
+    config = json.loads((wide_model(layers) / "config.json").read_text())
     artifacts = {}
     for name, (folder, runtime) in all_artifacts(layers).items():
-        config = json.loads((all_artifacts(layers)[BASELINE][0] / "config.json").read_text())
         per_token = token_bytes(folder, runtime, config, context)
         entry = {"bytes_per_token": per_token, "bound_tps": bound / per_token["stored"]["total"],
                  "bound_tps_as_run": bound / per_token["as_run"]["total"]}

@@ -71,7 +71,7 @@ def gptq(job: dict) -> dict:
     started = time.perf_counter()
     model, tokenizer, details = quantize_gptq(Path(job["model"]), variant, samples)
     result = {"quantize_seconds": time.perf_counter() - started, "oneshot_seconds": details["seconds"],
-              "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
+              "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(), "rss_at_end_mb": _rss_parts()}
     if job.get("out"):
         from compress.export.compressed_tensors import write_compressed_tensors
 
@@ -159,6 +159,17 @@ def bandwidth(job: dict) -> dict:
         best = min(_timed(kernel) for _ in range(job["repeats"]))
         found[name] = arrays * n * 8 / best / 1e9
     return {"gb_per_s": found, "array_mib": job["mib"], "threads": job["threads"], "peak_rss_mb": peak_rss_mb()}
+
+
+def _rss_parts() -> dict[str, float]:
+    """Resident memory now, by kind (MiB): anonymous (allocated) vs file-backed (mapped checkpoint pages,
+    which the kernel can drop) — peak RSS counts both."""
+    parts = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(("RssAnon:", "RssFile:")):
+                parts[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return parts
 
 
 def _timed(kernel) -> float:

@@ -14,9 +14,13 @@ import json
 import sys
 import time
 from datetime import date
+from pathlib import Path
 
-from benchmarks.common import RESULTS, environment, log
-from benchmarks.table import render, targets
+if __package__ in (None, ""):  # run as a script (python benchmarks/run.py): make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import RESULTS, environment, log  # noqa: E402
+from benchmarks.table import render, targets  # noqa: E402
 
 BENCHMARKS = ("decode", "bandwidth", "overhead", "scaling")
 
