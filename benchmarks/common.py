@@ -13,6 +13,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from compress.verify.targets import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("BENCH_CACHE", ROOT / "benchmarks" / ".cache"))
 RESULTS = ROOT / "benchmarks" / "results"
@@ -21,17 +23,6 @@ PACKAGES = ("torch", "transformers", "llmcompressor", "compressed-tensors", "onn
 
 def threads() -> int:
     return int(os.environ.get("COMPRESS_THREADS", os.cpu_count() or 1))
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def environment() -> dict:

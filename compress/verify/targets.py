@@ -48,7 +48,7 @@ def prepare(target: str, runtime: str) -> dict:
     torch is imported only for the transformers runtime, so an ONNX artifact's peak memory is its own.
     """
     threads = int(os.environ.get("COMPRESS_THREADS", os.cpu_count() or 1))
-    described = {"target": target, "runtime": runtime, "threads": threads, "cpu": _cpu_model(), "machine": platform.machine()}
+    described = {"target": target, "runtime": runtime, "threads": threads, "cpu": cpu_model(), "machine": platform.machine()}
     if runtime == "transformers":
         import torch
 
@@ -59,7 +59,8 @@ def prepare(target: str, runtime: str) -> dict:
     return described
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The processor's model name, recorded with every figure."""
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
