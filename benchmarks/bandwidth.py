@@ -4,11 +4,14 @@ stored tensors), and, with decode figures from the same run, the bandwidth each 
     python -m benchmarks.bandwidth [--layers 2]      (bound only; `benchmarks.run` adds achieved shares)
 
 Bound = best measured bandwidth (GB/s) / bytes per token. Achieved = bytes per token × decode tok/s.
+With decode figures, ONNX int4 is also decoded on one thread: a decode that speeds up with cores is
+bound by compute rather than by memory.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from benchmarks.artifacts import all_artifacts, wide_model
@@ -24,7 +27,7 @@ from benchmarks.maths import (
     onnx_token_bytes,
 )
 
-ARRAY_MIB, REPEATS = 512, 5  # each array 512 MiB, far beyond any cache; best of 5
+ARRAY_MIB, REPEATS = 1024, 5  # each array 1 GiB, twice the largest cache this VM reports; best of 5
 
 
 def measure_bandwidth() -> dict:
@@ -66,6 +69,25 @@ def token_bytes(folder: Path, runtime: str, config: dict, context: float) -> dic
     return {"stored": stored.as_dict(), "as_run": as_run.as_dict()}
 
 
+def one_thread_decode(folder: Path, vocab: int) -> dict:
+    """Decode of an ONNX folder with onnxruntime limited to one thread (a copy of its genai_config; the
+    rest symlinked): if all cores decode about cores× faster, decode is bound by compute, not memory."""
+    single = folder.with_name(folder.name + "-1thread")
+    shutil.rmtree(single, ignore_errors=True)
+    single.mkdir()
+    for file in folder.iterdir():
+        if file.name != "genai_config.json":
+            (single / file.name).symlink_to(file)
+    config = json.loads((folder / "genai_config.json").read_text())
+    config["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = 1
+    (single / "genai_config.json").write_text(json.dumps(config, indent=1))
+    log(f"bandwidth: {folder.name} decode on one thread")
+    job = {"folder": str(single), "runtime": "onnxruntime-genai", "vocab_size": vocab, "runs": 5,
+           **SPEED, "prompt_lengths": SPEED["prompt_lengths"][:1]}
+    measured = probe("speed", job, "speed-onnx-int4-1thread")
+    return {"decode": measured["figures"]["decode"], "others_cpu": measured["process"]["others_cpu"]}
+
+
 def run(layers: int = 2, decode: dict | None = None) -> dict:
     """Bandwidth, bytes/token and bound of each artifact; achieved shares when `decode` (same run) is given."""
     measured = measure_bandwidth()
@@ -82,7 +104,12 @@ def run(layers: int = 2, decode: dict | None = None) -> dict:
             entry["use"] = bandwidth_use(per_token["stored"]["total"], tps, bound)
             entry["use_as_run"] = bandwidth_use(per_token["as_run"]["total"], tps, bound)
         artifacts[name] = entry
-    return {"machine": measured, "decode_context": context, "artifacts": artifacts}
+    result = {"machine": measured, "decode_context": context, "artifacts": artifacts}
+    if decode and "ONNX int4" in decode["artifacts"]:
+        single = one_thread_decode(all_artifacts(layers)["ONNX int4"][0], int(config["vocab_size"]))
+        single["speedup_all_threads"] = decode["artifacts"]["ONNX int4"]["decode"]["tps"] / single["decode"]["tps"]
+        result["int4_one_thread"] = single
+    return result
 
 
 if __name__ == "__main__":

@@ -143,22 +143,22 @@ def bandwidth(job: dict) -> dict:
 
     torch.set_num_threads(job["threads"])
     n = job["mib"] * 2**20 // 8
-    a, b, c = np.zeros(n), np.ones(n), np.full(n, 2.0)
-    ta, tb, tc = torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64), torch.full((n,), 2.0, dtype=torch.float64)
-    kernels = {
-        "numpy_copy": (lambda: np.copyto(a, b), 2),
-        "numpy_add": (lambda: np.add(b, c, out=a), 3),
-        "numpy_read": (lambda: b.sum(), 1),
-        "torch_copy": (lambda: ta.copy_(tb), 2),
-        "torch_triad": (lambda: torch.add(tb, tc, alpha=3.0, out=ta), 3),
-        "torch_read": (lambda: tb.sum(), 1),
-    }
     found = {}
+    a, b, c = np.zeros(n), np.ones(n), np.full(n, 2.0)
+    _best(found, {"numpy_copy": (lambda: np.copyto(a, b), 2), "numpy_add": (lambda: np.add(b, c, out=a), 3),
+                  "numpy_read": (lambda: b.sum(), 1)}, n, job["repeats"])
+    del a, b, c
+    a, b, c = (torch.full((n,), value, dtype=torch.float64) for value in (0.0, 1.0, 2.0))
+    _best(found, {"torch_copy": (lambda: a.copy_(b), 2), "torch_triad": (lambda: torch.add(b, c, alpha=3.0, out=a), 3),
+                  "torch_read": (lambda: b.sum(), 1)}, n, job["repeats"])
+    return {"gb_per_s": found, "array_mib": job["mib"], "threads": job["threads"], "peak_rss_mb": peak_rss_mb()}
+
+
+def _best(found: dict, kernels: dict, n: int, repeats: int) -> None:
+    """GB/s of each kernel (arrays of n float64), best of `repeats` after one untimed run."""
     for name, (kernel, arrays) in kernels.items():
         kernel()
-        best = min(_timed(kernel) for _ in range(job["repeats"]))
-        found[name] = arrays * n * 8 / best / 1e9
-    return {"gb_per_s": found, "array_mib": job["mib"], "threads": job["threads"], "peak_rss_mb": peak_rss_mb()}
+        found[name] = arrays * n * 8 / min(_timed(kernel) for _ in range(repeats)) / 1e9
 
 
 def _rss_parts() -> dict[str, float]:

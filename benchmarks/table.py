@@ -117,6 +117,12 @@ def _decode_section(decode: dict, bandwidth: dict | None) -> list[str]:
                   f"{machine['bound_kernel']} {machine['bound_gb_per_s']:.1f} GB/s. Bytes/token are the artifact's stored "
                   f"tensors (linear layers with scales and zeros, the whole LM head, one embedding row) plus the KV cache "
                   f"at a mean context of {bandwidth['decode_context']:g} tokens.", ""]
+        single = bandwidth.get("int4_one_thread")
+        if single:
+            lines += [f"ONNX int4 decode on one thread: {_spread(single['decode'], 2)} tok/s; on all threads "
+                      f"{_num(single['speedup_all_threads'], 2, '×')} that. Decode that grows with cores is bound by compute "
+                      f"(unpacking int4, int8 dot products), not by memory; read-only kernels reach "
+                      f"{_num(max(v for k, v in machine['gb_per_s'].items() if k.endswith('read')), 1)} GB/s here.", ""]
         as_run = {name: used for name, used in bandwidth["artifacts"].items()
                   if used["bytes_per_token"]["as_run"]["total"] != used["bytes_per_token"]["stored"]["total"]}
         for name, used in as_run.items():
@@ -173,14 +179,21 @@ def _scaling_section(scaling: dict) -> list[str]:
     lines = ["## GPTQ memory and time by depth", "",
              f"compress's quantize_gptq, W4 g{calibration['group_size']}, {calibration['calibration_samples']}×"
              f"{calibration['calibration_seq_len']} random tokens, {scaling['stored_dtype']} weights; peak RSS of its process.", "",
-             "| width | layers | parameters | peak RSS | seconds | estimate_memory (quantize) |", "|---|---:|---:|---:|---:|---:|"]
+             "| width | layers | parameters | peak RSS | seconds | estimate_memory (quantize) | others' CPU |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, found in scaling["families"].items():
         for item in found["slices"]:
             lines.append(f"| {name} | {item['layers']} | {item['parameters'] / 1e6:,.0f}M | {_num(item['peak_rss_mb'], 0, ' MiB')} | "
-                         f"{_num(item['quantize_seconds'], 0)} | {_num(item['estimate_mb'], 0, ' MiB')} |")
+                         f"{_num(item['quantize_seconds'], 0)} | {_num(item['estimate_mb'], 0, ' MiB')} | {_share(item.get('others_cpu'))} |")
         for item in found.get("skipped", []):
-            lines.append(f"| {name} | {item['layers']} | {DASH} | not measured: {item['reason']} | {DASH} | {DASH} |")
+            lines.append(f"| {name} | {item['layers']} | {DASH} | not measured: {item['reason']} | {DASH} | {DASH} | {DASH} |")
     lines.append("")
+    check = scaling.get("tokens_check")
+    if check:
+        lines.append(f"- calibration tokens: {check['width']}, {check['layers']} layer, {check['calibration_samples']}×"
+                     f"{calibration['calibration_seq_len']} instead of {calibration['calibration_samples']}×"
+                     f"{calibration['calibration_seq_len']}: peak RSS {_num(check['growth_mb'], 0, ' MiB')} more; "
+                     f"estimate_memory adds {_num(check['estimate_growth_mb'], 0, ' MiB')}.")
     for name, found in scaling["families"].items():
         if "peak_rss_mb" not in found:
             lines.append(f"- {name}: fewer than two depths measured, so no per-layer fit.")
