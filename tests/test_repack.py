@@ -34,6 +34,7 @@ from compress.export.repack import (
     unpack_awq_gemm,
     unpack_compressed_tensors,
     unpack_gptq_v1,
+    unpack_int32,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -466,3 +467,13 @@ def test_fp16_scales_refuses_overflow():
     linear, _, _ = ct_layer(4, 32, True)
     with pytest.raises(ValueError, match="float16"):
         fp16_scales(replace(linear, scales=linear.scales * 1e8))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_unpack_reads_compressed_tensors_dense_packing(bits):
+    """3- and 5-bit values straddle int32 words in compressed-tensors' packing; every width reads back."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    values = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (5, 96), dtype=torch.int8, generator=torch.Generator().manual_seed(bits))
+    unpacked = unpack_int32(pack_to_int32(values, bits).numpy(), bits, 96).astype(np.int32) - (1 << (bits - 1))
+    assert np.array_equal(unpacked, values.numpy())

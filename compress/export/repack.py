@@ -67,15 +67,16 @@ def pack_int32(values: np.ndarray, bits: int) -> np.ndarray:
 
 
 def unpack_int32(words: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """The first `count` unsigned `bits`-bit values along the last axis of int32 `words`, as uint8."""
-    if 32 % bits:
-        raise ValueError(f"{bits}-bit values straddle int32 words; only 1, 2, 4 and 8 bits are supported")
-    per_word = 32 // bits
-    words = np.ascontiguousarray(words).view(np.uint32)
-    values = np.empty((*words.shape[:-1], words.shape[-1] * per_word), dtype=np.uint8)
-    mask = np.uint32((1 << bits) - 1)
-    for position in range(per_word):
-        values[..., position::per_word] = (words >> np.uint32(position * bits)) & mask
+    """The first `count` unsigned `bits`-bit values along the last axis of int32 `words`, as uint8.
+
+    The words are read as one little-endian bit stream, first value lowest: for 1, 2, 4 and 8 bits that is
+    32/bits values per word; for 3, 5, 6 and 7 bits values straddle words, as compressed-tensors packs them.
+    """
+    words = np.ascontiguousarray(words).view(np.uint32).astype("<u4")
+    stream = np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")
+    usable = stream.shape[-1] // bits
+    values = stream[..., : usable * bits].reshape(*words.shape[:-1], usable, bits)
+    values = (values.astype(np.uint8) << np.arange(bits, dtype=np.uint8)).sum(-1, dtype=np.uint8)
     if count > values.shape[-1]:
         raise ValueError(f"{words.shape[-1]} int32 words hold {values.shape[-1]} values, not {count}")
     return values[..., :count]
