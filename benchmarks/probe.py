@@ -39,7 +39,7 @@ def speed(job: dict) -> dict:
 
     described = prepare("cpu", job["runtime"])
     started = time.perf_counter()
-    runtime = _runtime(job["runtime"], Path(job["folder"]), "cpu")
+    runtime = _runtime(job["runtime"], Path(job["folder"]), "cpu", job.get("threads") or described["threads"])
     load_seconds = time.perf_counter() - started
     lengths, runs = job["prompt_lengths"], job["runs"]
     prompt = _tokens(job["vocab_size"], max(lengths), job.get("seed", 0))
@@ -109,8 +109,12 @@ def raw_forward(job: dict) -> dict:
     way the worker's evaluation runs them (no warm-up). Writes a top-k reference from those logits."""
     import onnxruntime_genai as og
 
+    from benchmarks.common import threads as default_threads
+    from compress.runtimes.ort_genai import session_threads
+
     config = og.Config(job["folder"])
     config.clear_providers()
+    config.overlay(json.dumps(session_threads(job.get("threads") or default_threads())))  # as the worker's runtime
     model = og.Model(config)
     windows = np.load(job["windows"])["windows"]
     seconds, top_ids, top_logprobs, target_logprobs = 0.0, [], [], []

@@ -23,12 +23,14 @@ from compress.verify.speed import measure_speed
 from compress.verify.targets import device_for, prepare
 
 
-def _runtime(name: str, folder: Path, device: str):
-    """Import only the runtime this job needs, so its libraries alone count in the peak memory."""
+def _runtime(name: str, folder: Path, device: str, threads: int | None = None):
+    """Import only the runtime this job needs, so its libraries alone count in the peak memory.
+
+    `threads` (from targets.prepare) is the CPU thread count every runtime gets, so speeds compare."""
     if name == "onnxruntime-genai":
         from compress.runtimes.ort_genai import GenaiRuntime
 
-        return GenaiRuntime(folder, device)
+        return GenaiRuntime(folder, device, threads)
     from compress.runtimes.torch_hf import TorchRuntime
 
     return TorchRuntime(folder, device)
@@ -57,7 +59,7 @@ def _stack(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 def run_job(job: dict) -> dict:
     described = prepare(job["target"], job["runtime"])
     started = time.perf_counter()
-    runtime = _runtime(job["runtime"], Path(job["artifact"]), device_for(job["target"]))
+    runtime = _runtime(job["runtime"], Path(job["artifact"]), device_for(job["target"]), described["threads"])
     load_seconds = time.perf_counter() - started
     data = np.load(job["windows"])
     windows, prompt = data["windows"], data["prompt"]
