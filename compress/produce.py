@@ -21,6 +21,7 @@ from compress.export.onnx_genai import (
     run_builder,
 )
 from compress.model import ModelInfo
+from compress.quantize.awq_search import SCALES_FILE, save_scales
 from compress.quantize.llmc import QUANTIZERS
 from compress.quantize.plan import KEEP, plan_summary, resolve_plan
 from compress.quiet import library_output_to
@@ -89,6 +90,10 @@ def _calibrated_artifacts(variant, recipe, info: ModelInfo, samples, run_dir: Pa
     details = saved_calibration(run_dir, variant.name, stamp)
     if details is None:
         model, tokenizer, details = QUANTIZERS[variant.method](info.path, variant, samples)
+        if "awq_scales" in details:  # the searched scales as data, replayable with awq_search.replay
+            scales_file = space.work(SCALES_FILE)
+            save_scales(details.pop("awq_scales"), scales_file)
+            details["awq"]["scales_file"] = str(scales_file)
         partial = calibrated.parent / "calibrating"
         shutil.rmtree(partial, ignore_errors=True)
         write_compressed_tensors(model, tokenizer, info.path, partial)

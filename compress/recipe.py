@@ -23,6 +23,7 @@ from compress.verify.generation import DEFAULT_PROMPTS
 FORMATS_BY_METHOD = {
     "gptq": ("compressed-tensors", "gptq", "awq"),
     "awq": ("compressed-tensors", "awq", "gptq"),
+    "awq-gptq": ("compressed-tensors", "gptq", "awq"),
     "rtn": ("compressed-tensors", "gptq", "awq"),
     "onnx-int4": ("onnx",),
     "onnx-int8": ("onnx",),
@@ -31,7 +32,7 @@ FORMATS_BY_METHOD = {
 METHODS = tuple(FORMATS_BY_METHOD)
 ONNX_METHODS = ("onnx-int4", "onnx-int8", "onnx-int8-dynamic")
 ONNX_BITS = {"onnx-int4": 4, "onnx-int8": 8, "onnx-int8-dynamic": 8}
-CALIBRATED_METHODS = ("gptq", "awq", "rtn")  # their integer weights can be carried into ONNX with `from:`
+CALIBRATED_METHODS = ("gptq", "awq", "awq-gptq", "rtn")  # their integer weights can be carried into ONNX with `from:`
 TARGETS = ("cpu", "cuda")
 BITS = (2, 3, 4, 8)
 ONNX_ALGORITHMS = ("default", "rtn", "k_quant")
@@ -135,6 +136,9 @@ class Variant(Strict):
     formats: list[str] = []  # default: the method's first format
     dampening: float = Field(0.01, gt=0, lt=1)  # GPTQ: fraction of the Hessian's mean diagonal added
     n_grid: int = Field(20, ge=1, le=100)  # AWQ: scales tried per mapping (its search cost)
+    # AWQ's mappings: phi = every exact rescaling of a Phi-3 block, fused slices included (quantize/phi_awq.py);
+    # stock = llm-compressor's own AWQModifier and mapping table (skips qkv_proj -> o_proj under GQA)
+    awq_mappings: Literal["phi", "stock"] = "phi"
     accuracy_level: int = Field(4, ge=0, le=4)  # ONNX: MatMulNBits compute type (4 int8, 1 fp32, 0 EP default)
     algorithm: str = "default"  # ONNX builder's own weight algorithm: default, rtn, k_quant
     from_: str | None = Field(None, alias="from")  # ONNX int4: carry this earlier variant's integer weights
@@ -217,8 +221,10 @@ class Variant(Strict):
                     raise ValueError(f"{field.rstrip('_')}: only ONNX methods take this option, not {self.method}")
         if self.from_ is not None and self.method != "onnx-int4":
             raise ValueError(f"from: only onnx-int4 can carry an earlier variant's weights, not {self.method}")
-        if self.n_grid != 20 and self.method != "awq":
-            raise ValueError(f"n_grid: only awq searches a grid, not {self.method}")
+        if self.n_grid != 20 and not self.method.startswith("awq"):
+            raise ValueError(f"n_grid: only awq and awq-gptq search a grid, not {self.method}")
+        if "awq_mappings" in self.model_fields_set and self.method != "awq":
+            raise ValueError(f"awq_mappings: only awq takes this option, not {self.method} (awq-gptq always uses phi)")
         return self
 
 

@@ -33,6 +33,7 @@ def build_report(out: Path, recipe, info, baseline, outcomes, context) -> dict:
             "layer_plan": artifact.details.get("layer_plan"),
             "from": artifact.details.get("from"),
             "awq_skipped_mappings": artifact.details.get("awq", {}).get("skipped"),
+            "awq": artifact.details.get("awq"),
             "builder_options": artifact.details.get("builder_options"),
             "sensitivity": artifact.details.get("sensitivity"),
             "resumed": artifact.details.get("resumed"),
@@ -167,11 +168,26 @@ def verdict_lines(report: dict) -> list[str]:
         for target, result in variant["targets"].items():
             if result["status"] == "not-verified":
                 lines.append(f"{label} on {target}: not verified: " + "; ".join(result["failures"]))
-        if variant.get("awq_skipped_mappings"):
-            lines.append(f"{label}: AWQ skipped {len(variant['awq_skipped_mappings'])} mapping(s): "
-                         + "; ".join(variant["awq_skipped_mappings"]))
+        if variant.get("awq"):
+            lines.extend(f"{label}: {line}" for line in awq_lines(variant["awq"]))
         if variant.get("from"):
             lines.append(f"{label}: weights are the {variant['from']}")
+    return lines
+
+
+def awq_lines(awq: dict) -> list[str]:
+    """What an AWQ search applied and skipped, in words."""
+    lines = []
+    if awq.get("applied"):
+        errors = [entry["error_vs_rtn"] for entry in awq["applied"]]
+        kinds = sorted({entry["mapping"].split(" ", 1)[1] for entry in awq["applied"]})
+        who = "Phi-aware AWQ" if awq.get("search") == "phi" else "AWQ"
+        lines.append(f"{who} applied {len(errors)} mapping(s) ({', '.join(kinds)}); "
+                     f"searched output error {min(errors):.2f}–{max(errors):.2f}× RTN's"
+                     + (f"; ranges clipped to {min(awq['clip'].values()):.2f}–{max(awq['clip'].values()):.2f} on average"
+                        if awq.get("clip") else ""))
+    if awq.get("skipped"):
+        lines.append(f"AWQ skipped {len(awq['skipped'])} mapping(s): " + "; ".join(awq["skipped"]))
     return lines
 
 

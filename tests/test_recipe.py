@@ -115,7 +115,9 @@ METHOD_MISTAKES = [
      "the ONNX builder can keep only lm_head at 8 bits"),
     ("bad override", "  - {name: a, method: gptq, overrides: [{match: '(', bits: 8}]}", "is not a valid regular expression"),
     ("override bits", "  - {name: a, method: gptq, overrides: [{match: x, bits: 5}]}", "variants[0].overrides[0].bits"),
-    ("grid on gptq", "  - {name: a, method: gptq, n_grid: 5}", "n_grid: only awq searches a grid"),
+    ("grid on gptq", "  - {name: a, method: gptq, n_grid: 5}", "n_grid: only awq and awq-gptq search a grid"),
+    ("mappings on awq-gptq", "  - {name: a, method: awq-gptq, awq_mappings: stock}", "awq_mappings: only awq takes this option"),
+    ("unknown mappings", "  - {name: a, method: awq, awq_mappings: auto}", "awq_mappings"),
     ("preset", "  - {name: a, method: gptq, preset: fast}", "variants[0].preset"),
 ]
 

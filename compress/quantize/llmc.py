@@ -55,8 +55,10 @@ def _calibration_dataset(samples: np.ndarray):
     return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids]})
 
 
-def _quantize(model_path: Path, variant, samples: np.ndarray | None, make_modifiers) -> tuple:
-    """Load, resolve the layer plan, run oneshot with the modifiers `make_modifiers(groups, ignore)` builds."""
+def _quantize(model_path: Path, variant, samples: np.ndarray | None, make_modifiers, before=None) -> tuple:
+    """Load, resolve the layer plan, run oneshot with the modifiers `make_modifiers(groups, ignore)` builds.
+
+    `before(model, plan)`, when given, changes the loaded model first and returns details to keep."""
     import torch
     from llmcompressor import oneshot
 
@@ -66,6 +68,7 @@ def _quantize(model_path: Path, variant, samples: np.ndarray | None, make_modifi
     if not groups:
         raise ValueError(f"variant {variant.name}: every linear layer is ignored or skipped; nothing to quantize")
     started = time.perf_counter()
+    found = before(model, plan) if before else {}
     data = {} if samples is None else {
         "dataset": _calibration_dataset(samples),
         "max_seq_length": samples.shape[1],
@@ -74,7 +77,8 @@ def _quantize(model_path: Path, variant, samples: np.ndarray | None, make_modifi
     }
     with torch.no_grad():
         oneshot(model=model, recipe=make_modifiers(groups, ignore), **data)
-    details = {"seconds": round(time.perf_counter() - started, 2), "layer_plan": plan, "layer_bits": plan_summary(plan)}
+    details = {"seconds": round(time.perf_counter() - started, 2), "layer_plan": plan, "layer_bits": plan_summary(plan),
+               **found}
     return model, tokenizer, details
 
 
@@ -94,7 +98,38 @@ def quantize_rtn(model_path: Path, variant, samples: np.ndarray):
 
 
 def quantize_awq(model_path: Path, variant, samples: np.ndarray):
-    """llm-compressor's AWQ (scale search, then RTN on the scaled weights); records the mappings it skipped."""
+    """AWQ scale search, then RTN on the scaled weights: Phi-aware (all four rescalings of a Phi-3 block,
+    quantize/phi_awq.py) unless the variant asks for llm-compressor's stock mappings."""
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    if variant.awq_mappings == "stock":
+        return _stock_awq(model_path, variant, samples)
+    return _quantize(model_path, variant, None, lambda groups, ignore: QuantizationModifier(
+        config_groups=groups, ignore=ignore), before=_phi_awq(variant, samples, clip=True))
+
+
+def quantize_awq_gptq(model_path: Path, variant, samples: np.ndarray):
+    """Phi-aware AWQ scales, then GPTQ on the scaled weights."""
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    return _quantize(model_path, variant, samples, lambda groups, ignore: GPTQModifier(
+        config_groups=groups, ignore=ignore, dampening_frac=variant.dampening), before=_phi_awq(variant, samples, clip=False))
+
+
+def _phi_awq(variant, samples: np.ndarray, clip: bool):
+    """A `before` step: search and apply the Phi-3 scales (and, before RTN, clip each group's range; GPTQ
+    chooses its own rounding); the tensors travel under "awq_scales" for saving."""
+    from compress.quantize.awq_search import phi_awq
+
+    def search(model, plan):
+        scales, details = phi_awq(model, plan, variant.group_size, variant.symmetric, variant.n_grid, samples, clip)
+        return {"awq": details, "awq_scales": scales}
+
+    return search
+
+
+def _stock_awq(model_path: Path, variant, samples: np.ndarray):
+    """llm-compressor's AWQ (its mapping table and search, then RTN); records the mappings it skipped."""
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform import AWQModifier
     from loguru import logger
@@ -112,7 +147,7 @@ def quantize_awq(model_path: Path, variant, samples: np.ndarray):
             ])
     finally:
         logger.remove(sink)
-    details["awq"] = {"n_grid": variant.n_grid, "skipped": _skipped_mappings(skipped)}
+    details["awq"] = {"search": "stock", "n_grid": variant.n_grid, "skipped": _skipped_mappings(skipped)}
     return model, tokenizer, details
 
 
@@ -126,4 +161,4 @@ def _skipped_mappings(messages: list[str]) -> list[str]:
     return found
 
 
-QUANTIZERS = {"gptq": quantize_gptq, "awq": quantize_awq, "rtn": quantize_rtn}
+QUANTIZERS = {"gptq": quantize_gptq, "awq": quantize_awq, "awq-gptq": quantize_awq_gptq, "rtn": quantize_rtn}

@@ -1,0 +1,167 @@
+"""Run Phi-aware AWQ (phi_awq.py) on a loaded model: collect input statistics, search, apply, keep the scales.
+
+The statistics come from forward passes of the original model over the calibration windows, with hooks on
+the consumers of a few layers at a time (their Gram matrices are bounded by STATISTICS_BUDGET); each pass
+stops after the last hooked layer.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from compress.quantize.phi_awq import (
+    KINDS,
+    Shape,
+    Statistics,
+    apply_scale,
+    consumer_columns,
+    phi3_mappings,
+    search_clip,
+    search_scale,
+)
+
+STATISTICS_BUDGET = 2 * 2**30  # bytes of Gram matrices held at once
+BATCH = 8
+SCALES_FILE = "awq-scales.safetensors"
+
+
+class _Stop(Exception):
+    """Raised by a hook once the last layer of interest has run."""
+
+
+def collect_statistics(model, samples: np.ndarray, consumers: list[str]) -> dict[str, Statistics]:
+    """Gram matrix, sum of |x| and token count of each consumer's inputs over `samples` [n, seq_len]."""
+    found: dict[str, Statistics] = {}
+    for chunk in _chunks(model, consumers):
+        found.update(_one_pass(model, samples, chunk))
+    return found
+
+
+def _chunks(model, consumers: list[str]) -> list[list[str]]:
+    chunks, current, used = [], [], 0
+    for name in consumers:
+        size = model.get_submodule(name).in_features ** 2 * 4
+        if current and used + size > STATISTICS_BUDGET:
+            chunks.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += size
+    return chunks + ([current] if current else [])
+
+
+def _one_pass(model, samples: np.ndarray, names: list[str]) -> dict[str, Statistics]:
+    import torch
+
+    stats: dict[str, Statistics] = {}
+
+    def record(name):
+        def hook(_module, inputs):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            if name not in stats:
+                stats[name] = Statistics(torch.zeros(x.shape[1], x.shape[1], device=x.device),
+                                         torch.zeros(x.shape[1], device=x.device))
+            entry = stats[name]
+            entry.gram.addmm_(x.T, x)
+            entry.abs_sum += x.abs().sum(0)
+            entry.tokens += x.shape[0]
+        return hook
+
+    def stop(_module, _inputs):
+        raise _Stop
+
+    layers = model.model.layers
+    last = max(int(name.split(".")[2]) for name in names)
+    handles = [model.get_submodule(name).register_forward_pre_hook(record(name)) for name in names]
+    handles.append((layers[last + 1] if last + 1 < len(layers) else model.model.norm).register_forward_pre_hook(stop))
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for start in range(0, len(samples), BATCH):
+                ids = torch.as_tensor(samples[start:start + BATCH], dtype=torch.long, device=device)
+                try:
+                    model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def phi_awq(model, plan: dict[str, int], group_size: int, symmetric: bool, n_grid: int, samples: np.ndarray,
+            clip: bool = True) -> tuple[dict, dict]:
+    """Search and apply every Phi-3 mapping in place -> ({mapping label: scale tensor}, details).
+
+    With `clip`, each scaled consumer's weights are then clipped per group (search_clip), except the q and k
+    rows of qkv_proj (attention logits are the most outlier-sensitive, as in AWQ). Clipping is not a
+    rescaling: replaying the scales alone does not repeat it; the calibrated checkpoint holds its result.
+    """
+    import torch
+
+    started = time.perf_counter()
+    shape = Shape.from_config(model.config)
+    mappings, skipped = phi3_mappings(len(model.model.layers), plan)
+    stats = collect_statistics(model, samples, sorted({mapping.consumer for mapping in mappings}))
+    scales, applied, clipped = {}, [], {}
+    ordered = sorted(mappings, key=lambda m: (m.layer, KINDS.index(m.kind)))
+    for position, mapping in enumerate(ordered):
+        weight = model.get_submodule(mapping.consumer).weight.detach().float()
+        columns = consumer_columns(mapping, shape)
+        scale, seen = search_scale(weight, stats[mapping.consumer], columns, plan[mapping.consumer], group_size,
+                                   symmetric, n_grid)
+        apply_scale(model, mapping, scale, shape)
+        scales[mapping.label] = scale.cpu()
+        applied.append({"mapping": mapping.label, "form": seen["form"], "alpha": seen["alpha"],
+                        "error_vs_rtn": round(seen["error_vs_rtn"], 4)})
+        last_of_layer = position + 1 == len(ordered) or ordered[position + 1].layer != mapping.layer
+        if clip:
+            stats[mapping.consumer].column_scale = scale[torch.as_tensor(columns)]
+        if clip and last_of_layer:  # both rescalings of qkv_proj and gate_up_proj are in place
+            for done in (m for m in ordered if m.layer == mapping.layer):
+                clipped[done.consumer] = _clip(model, done, stats[done.consumer], plan, group_size, symmetric, shape)
+    details = {"search": "phi", "n_grid": n_grid, "applied": applied, "skipped": skipped,
+               "clip": {name: round(ratio, 3) for name, ratio in clipped.items()} if clip else None,
+               "seconds": round(time.perf_counter() - started, 2)}
+    return scales, details
+
+
+def _clip(model, mapping, stats: Statistics, plan: dict[str, int], group_size: int, symmetric: bool, shape: Shape) -> float:
+    """Clip one consumer's scaled weights in place; returns the mean ratio kept."""
+    from compress.quantize.phi_awq import NORM_QKV
+
+    linear = model.get_submodule(mapping.consumer)
+    scale = stats.column_scale
+    gram = stats.gram / scale[:, None] / scale[None, :]  # its inputs are now x / s
+    frozen = slice(0, shape.v_rows.start) if mapping.kind == NORM_QKV else None
+    weight, ratio = search_clip(linear.weight.detach().float(), gram, plan[mapping.consumer], group_size, symmetric, frozen)
+    linear.weight.data.copy_(weight.to(linear.weight.dtype))
+    return ratio
+
+
+def replay(model, scales: dict) -> None:
+    """Apply saved scales (label -> tensor) to an unscaled model: the searched model again, without a search."""
+    from compress.quantize.phi_awq import KINDS as kinds
+    from compress.quantize.phi_awq import Mapping
+
+    shape = Shape.from_config(model.config)
+    for label, scale in scales.items():
+        layer, kind = label.split(" ", 1)
+        if kind not in kinds:
+            raise ValueError(f"{label!r} is not a Phi-3 AWQ mapping (known: {', '.join(kinds)})")
+        apply_scale(model, Mapping(kind, int(layer.removeprefix("layers."))), scale, shape)
+
+
+def save_scales(scales: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({label: scale.contiguous() for label, scale in scales.items()}, str(path))
+
+
+def load_scales(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

@@ -1,0 +1,260 @@
+"""AWQ for Phi-3-architecture blocks (Phi-4, Phi-4-mini): every exact rescaling, fused layers included.
+
+A scale s > 0 per channel moves magnitude from a layer's input channels into its weights: the producer of
+the channel is divided by s and the consumer's input columns are multiplied by s, so the float model is
+unchanged while the quantizer sees salient columns larger. Four places allow that exactly in a Phi-3 block:
+
+    input_layernorm            -> qkv_proj        norm weight / s; every qkv input column x s
+    qkv_proj (v rows)          -> o_proj          v rows / s; o_proj input column of query head h, dim d x s[h // group, d]
+    post_attention_layernorm   -> gate_up_proj    norm weight / s; every gate_up input column x s
+    gate_up_proj (up rows)     -> down_proj       up rows / s; down_proj input column j x s[j]   (down(up * act(gate)))
+
+llm-compressor 0.14's AWQ can express the two norm mappings but not a slice of a fused module, and it folds
+the scales it finds into the weights without returning them; so all four are searched here, with one loss,
+and the scales are kept as data. For each mapping the search tries s = mean|x|^alpha on a grid of alpha
+(alpha = 0 is plain RTN) and keeps the alpha whose consumer output error after fake quantization is least.
+
+The error of a consumer with weight W [out, in] on inputs X [n, in] is computed from its Gram matrix
+G = X^T X (the same statistic GPTQ collects): ||X W^T - (X / s) Q(W s)^T||^2 = tr(D G D^T) with
+D = W - Q(W s) / s. Statistics come from the original model in one pass: each rescaling is exact, so the
+only input that changes is the consumer's own, by 1 / s, which the formula already accounts for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+KEEP = 16  # compress.quantize.plan.KEEP: a layer left in floating point
+
+NORM_QKV, V_O, NORM_GATE_UP, UP_DOWN = (
+    "input_layernorm→qkv_proj", "qkv_proj[v]→o_proj", "post_attention_layernorm→gate_up_proj", "gate_up_proj[up]→down_proj")
+KINDS = (V_O, NORM_QKV, UP_DOWN, NORM_GATE_UP)  # search order: a slice's rows change before its module's columns
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the rescalings need to know about a Phi-3 block."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, config) -> Shape:
+        get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+        heads = int(get("num_attention_heads"))
+        hidden = int(get("hidden_size"))
+        return cls(hidden, int(get("intermediate_size")), heads, int(get("num_key_value_heads") or heads),
+                   int(get("head_dim") or hidden // heads))
+
+    @property
+    def v_rows(self) -> slice:
+        start = (self.heads + self.kv_heads) * self.head_dim
+        return slice(start, start + self.kv_heads * self.head_dim)
+
+    def o_columns_to_v(self) -> np.ndarray:
+        """For each o_proj input column, the v channel (kv head, dim) that produced it under GQA."""
+        group = self.heads // self.kv_heads
+        head = np.arange(self.heads).repeat(self.head_dim)
+        dim = np.tile(np.arange(self.head_dim), self.heads)
+        return (head // group) * self.head_dim + dim
+
+
+@dataclass(frozen=True)
+class Mapping:
+    kind: str
+    layer: int
+
+    @property
+    def consumer(self) -> str:
+        name = {NORM_QKV: "self_attn.qkv_proj", V_O: "self_attn.o_proj", NORM_GATE_UP: "mlp.gate_up_proj",
+                UP_DOWN: "mlp.down_proj"}[self.kind]
+        return f"model.layers.{self.layer}.{name}"
+
+    @property
+    def label(self) -> str:
+        return f"layers.{self.layer} {self.kind}"
+
+
+def phi3_mappings(layers: int, plan: dict[str, int]) -> tuple[list[Mapping], list[str]]:
+    """Every mapping of a `layers`-deep Phi-3 model whose consumer is quantized; the rest as 'label: why'."""
+    applied, skipped = [], []
+    for layer in range(layers):
+        for kind in KINDS:
+            mapping = Mapping(kind, layer)
+            bits = plan.get(mapping.consumer)
+            if bits is None or bits == KEEP:
+                skipped.append(f"{mapping.label}: {mapping.consumer} stays in floating point, nothing to protect")
+            else:
+                applied.append(mapping)
+    return applied, skipped
+
+
+def fake_quantize(weight, bits: int, group_size: int, symmetric: bool):
+    """Round-to-nearest with min-max scales per group of input columns, as compressed-tensors' RTN does
+    (symmetric: scale = max|w| / ((2^bits - 1) / 2), range [-2^(bits-1), 2^(bits-1) - 1]); dequantized."""
+    import torch
+
+    out, columns = weight.shape
+    group = columns if group_size == -1 else group_size
+    grouped = weight.reshape(out, columns // group, group)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    low = grouped.amin(-1, keepdim=True).clamp(max=0)
+    high = grouped.amax(-1, keepdim=True).clamp(min=0)
+    if symmetric:
+        scale = torch.maximum(-low, high) / ((qmax - qmin) / 2)
+        zero = torch.zeros_like(scale)
+    else:
+        scale = (high - low) / (qmax - qmin)
+        zero = torch.round(qmin - low / scale.clamp(min=torch.finfo(scale.dtype).tiny))
+    scale = scale.clamp(min=torch.finfo(scale.dtype).eps)
+    quantized = torch.clamp(torch.round(grouped / scale) + zero, qmin, qmax)
+    return ((quantized - zero) * scale).reshape(out, columns)
+
+
+def output_error(weight, gram, scale_columns, bits: int, group_size: int, symmetric: bool) -> float:
+    """Sum over calibration tokens of ||x W^T - (x / s) Q(W s)^T||^2, from the inputs' Gram matrix."""
+    delta = weight - fake_quantize(weight * scale_columns, bits, group_size, symmetric) / scale_columns
+    return float(((delta @ gram) * delta).sum())
+
+
+@dataclass
+class Statistics:
+    """Of one consumer's inputs over the calibration tokens: Gram matrix X^T X, sum of |x|, token count."""
+
+    gram: object
+    abs_sum: object
+    tokens: int = 0
+    column_scale: object = None  # the s its input columns were multiplied by, once applied
+
+    @property
+    def mean_abs(self):
+        return self.abs_sum / max(self.tokens, 1)
+
+
+def search_scale(weight, stats: Statistics, columns_to_channel, bits: int, group_size: int, symmetric: bool,
+                 n_grid: int) -> tuple[object, dict]:
+    """The best s for one mapping -> (s per channel, what the search saw).
+
+    Tries s = mean|x|^alpha and AWQ's "duo" form mean|x|^alpha / mean|w|^(1 - alpha) (w normalized per
+    group) for alpha on a grid in [0, 1); alpha = 0 of the first form is s = 1, plain RTN, so the result is
+    never worse than RTN on this objective. `columns_to_channel` maps each consumer input column to its
+    channel (identity except for v->o, where query heads share their KV head's channel); a channel's
+    magnitudes are the means over its columns.
+    """
+    import torch
+
+    channels = int(columns_to_channel.max()) + 1
+    index = torch.as_tensor(columns_to_channel)
+    count = torch.bincount(index, minlength=channels).double()
+
+    def per_channel(values):
+        return (torch.zeros(channels, dtype=torch.float64).index_add_(0, index, values.double()) / count).clamp(min=1e-8)
+
+    x_mean = per_channel(stats.mean_abs)
+    w_mean = per_channel(_normalized_weight_magnitude(weight, group_size))
+    errors, best = {}, (None, float("inf"), "plain", 0.0)
+    for form in ("plain", "duo"):
+        for step in range(n_grid):
+            alpha = step / n_grid
+            scale = x_mean.pow(alpha) if form == "plain" else x_mean.pow(alpha) / w_mean.pow(1 - alpha)
+            scale = (scale / (scale.max() * scale.min()).sqrt()).clamp(min=1e-4).float()
+            error = output_error(weight, stats.gram, scale[index], bits, group_size, symmetric)
+            errors[(form, alpha)] = error
+            if error < best[1]:
+                best = (scale, error, form, alpha)
+    scale, error, form, alpha = best
+    rtn = errors[("plain", 0.0)]
+    return scale, {"form": form, "alpha": alpha, "error": error, "rtn_error": rtn,
+                   "error_vs_rtn": error / rtn if rtn > 0 else 1.0}
+
+
+def _normalized_weight_magnitude(weight, group_size: int):
+    """Per input column: mean over rows of |w| / max|w| of its group (AWQ's weight statistic)."""
+    out, columns = weight.shape
+    group = columns if group_size == -1 else group_size
+    grouped = weight.abs().reshape(out, columns // group, group)
+    return (grouped / (grouped.amax(-1, keepdim=True) + 1e-6)).reshape(out, columns).mean(0)
+
+
+CLIP_RATIOS = tuple(1 - step / 20 for step in range(10))  # 1.0 down to 0.55
+
+
+def search_clip(weight, gram, bits: int, group_size: int, symmetric: bool, frozen_rows: slice | None = None):
+    """AWQ's clipping: per (row, group), the range ratio in CLIP_RATIOS whose quantized weights give the least
+    output error on that group's inputs (the group's diagonal block of the Gram matrix) -> (clipped weight,
+    mean ratio chosen). Not exact: it changes the float weights, trading outliers for resolution."""
+    import torch
+
+    out, columns = weight.shape
+    group = columns if group_size == -1 else group_size
+    groups = columns // group
+    grouped = weight.reshape(out, groups, group)
+    blocks = torch.stack([gram[g * group:(g + 1) * group, g * group:(g + 1) * group] for g in range(groups)])
+    high, low = grouped.amax(-1, keepdim=True).clamp(min=0), grouped.amin(-1, keepdim=True).clamp(max=0)
+    if symmetric:
+        high = low = torch.maximum(high, -low)
+        low = -low
+    best_error = torch.full((out, groups), float("inf"))
+    best = grouped.clone()
+    chosen = torch.ones(out, groups)
+    for ratio in CLIP_RATIOS:
+        clipped = torch.maximum(torch.minimum(grouped, high * ratio), low * ratio)
+        delta = grouped - fake_quantize(clipped.reshape(out, columns), bits, group_size, symmetric).reshape(out, groups, group)
+        error = torch.einsum("rgi,gij,rgj->rg", delta, blocks, delta)
+        if frozen_rows is not None and ratio < 1:
+            error[frozen_rows] = float("inf")
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best = torch.where(better[..., None], clipped, best)
+        chosen = torch.where(better, torch.full_like(chosen, ratio), chosen)
+    return best.reshape(out, columns), float(chosen.mean())
+
+
+def consumer_columns(mapping: Mapping, shape: Shape) -> np.ndarray:
+    if mapping.kind == V_O:
+        return shape.o_columns_to_v()
+    width = shape.intermediate if mapping.kind == UP_DOWN else shape.hidden
+    return np.arange(width)
+
+
+def apply_scale(model, mapping: Mapping, scale, shape: Shape) -> None:
+    """Rescale one mapping in place (exact in real arithmetic): producer / s, consumer columns x s."""
+    import torch
+
+    block = model.model.layers[mapping.layer]
+    with torch.no_grad():
+        if mapping.kind in (NORM_QKV, NORM_GATE_UP):
+            norm, linear = ((block.input_layernorm, block.self_attn.qkv_proj) if mapping.kind == NORM_QKV
+                            else (block.post_attention_layernorm, block.mlp.gate_up_proj))
+            _scale_(norm.weight, 1 / scale, None)
+            _scale_(linear.weight, scale, (slice(None), slice(None)))
+        elif mapping.kind == V_O:
+            qkv = block.self_attn.qkv_proj
+            _scale_rows(qkv, shape.v_rows, 1 / scale)
+            _scale_(block.self_attn.o_proj.weight, scale[torch.as_tensor(shape.o_columns_to_v())], (slice(None), slice(None)))
+        else:
+            up = slice(shape.intermediate, 2 * shape.intermediate)
+            _scale_rows(block.mlp.gate_up_proj, up, 1 / scale)
+            _scale_(block.mlp.down_proj.weight, scale, (slice(None), slice(None)))
+
+
+def _scale_(tensor, factor, where) -> None:
+    """tensor[where] *= factor in fp32, written back in the tensor's own dtype (factor along the last axis)."""
+    part = tensor.data if where is None else tensor.data[where]
+    scaled = (part.float() * factor.float()).to(tensor.dtype)
+    if where is None:
+        tensor.data.copy_(scaled)
+    else:
+        tensor.data[where] = scaled
+
+
+def _scale_rows(linear, rows: slice, factor) -> None:
+    weight = linear.weight.data
+    weight[rows] = (weight[rows].float() * factor.float()[:, None]).to(weight.dtype)
+    if linear.bias is not None:
+        linear.bias.data[rows] = (linear.bias.data[rows].float() * factor.float()).to(linear.bias.dtype)

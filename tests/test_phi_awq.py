@@ -1,0 +1,175 @@
+"""Phi-aware AWQ: every rescaling leaves the float model unchanged; the error formula and the fake quantizer
+agree with independent computations; the search never does worse than RTN on its own objective."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from compress.model import BUILTIN_MODELS
+from compress.quantize.awq_search import collect_statistics, phi_awq, replay
+from compress.quantize.phi_awq import (
+    KINDS,
+    NORM_QKV,
+    UP_DOWN,
+    V_O,
+    Mapping,
+    Shape,
+    apply_scale,
+    consumer_columns,
+    fake_quantize,
+    output_error,
+    phi3_mappings,
+    search_clip,
+)
+
+TINY = BUILTIN_MODELS["tiny-phi4-mini"]
+
+
+def embedded():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).eval()
+
+
+def random_gqa_3():
+    """A Phi-3 config with another GQA ratio (6 query heads on 2 KV heads), untied head, random weights."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Phi3Config(vocab_size=256, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                        num_attention_heads=6, num_key_value_heads=2, head_dim=16, partial_rotary_factor=0.75,
+                        max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=0)
+    model = Phi3ForCausalLM(config).eval()
+    with torch.no_grad():  # norms away from 1, so dividing them is visible
+        for name, parameter in model.named_parameters():
+            if "layernorm" in name:
+                parameter.uniform_(0.5, 1.5)
+    return model
+
+
+MODELS = {"embedded": embedded, "random-gqa-3": random_gqa_3}
+
+
+def logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def random_scale(mapping: Mapping, shape: Shape, generator) -> torch.Tensor:
+    channels = int(consumer_columns(mapping, shape).max()) + 1
+    return torch.exp(torch.randn(channels, generator=generator) * 0.7)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("kinds", [[kind] for kind in KINDS] + [list(KINDS)], ids=[*KINDS, "all"])
+def test_rescaling_is_exact(name, kinds):
+    model = MODELS[name]()
+    shape = Shape.from_config(model.config)
+    ids = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    before = logits(model, ids)
+    generator = torch.Generator().manual_seed(2)
+    changed = 0.0
+    for layer in range(model.config.num_hidden_layers):
+        for kind in kinds:
+            mapping = Mapping(kind, layer)
+            weight = model.get_submodule(mapping.consumer).weight.detach().clone()
+            apply_scale(model, mapping, random_scale(mapping, shape, generator), shape)
+            changed = max(changed, float((model.get_submodule(mapping.consumer).weight.detach() - weight).abs().max()))
+    assert changed > 1e-2  # the weights really moved
+    assert float((logits(model, ids) - before).abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_searched_scales_are_exact_and_replayable(name):
+    model = MODELS[name]()
+    plan = {name: 4 for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and "layers" in name}
+    samples = np.random.default_rng(0).integers(0, model.config.vocab_size, (4, 64))
+    ids = torch.as_tensor(samples[:2])
+    before = logits(model, ids)
+    scales, details = phi_awq(model, plan, 32, True, 10, samples, clip=False)
+    assert len(details["applied"]) == 4 * model.config.num_hidden_layers and not details["skipped"]
+    assert float((logits(model, ids) - before).abs().max()) <= 1e-4
+    fresh = MODELS[name]()
+    replay(fresh, scales)
+    for (key, ours), theirs in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(ours, theirs), key
+
+
+def test_error_formula_matches_explicit_outputs():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(24, 64, generator=generator)
+    x = torch.randn(300, 64, generator=generator) * torch.linspace(0.1, 3, 64)
+    scale = torch.exp(torch.randn(64, generator=generator) * 0.5)
+    explicit = float(((x @ weight.T - (x / scale) @ fake_quantize(weight * scale, 4, 32, True).T) ** 2).sum())
+    assert output_error(weight, x.T @ x, scale, 4, 32, True) == pytest.approx(explicit, rel=1e-3)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_fake_quantize_is_llm_compressors_rtn(symmetric):
+    """Our fake quantizer, on the original weights, equals compressed-tensors' with llm-compressor's RTN scales."""
+    from types import SimpleNamespace
+
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize as reference
+
+    from compress.quantize.llmc import quantize_rtn
+
+    variant = SimpleNamespace(name="rtn", bits=4, group_size=32, symmetric=symmetric, ignore=["lm_head"],
+                              layer_overrides=lambda: [])
+    quantized, _tokenizer, _details = quantize_rtn(TINY, variant, None)
+    original = embedded()
+    for name in ("model.layers.0.self_attn.qkv_proj", "model.layers.3.mlp.down_proj"):
+        module, weight = quantized.get_submodule(name), original.get_submodule(name).weight.detach()
+        theirs = reference(weight, module.weight_scale, module.weight_zero_point, module.quantization_scheme.weights)
+        assert float((theirs - weight).abs().max()) > 1e-3  # it did round
+        assert torch.equal(fake_quantize(weight, 4, 32, symmetric), theirs)
+
+
+def test_statistics_match_the_consumer_inputs():
+    model = embedded()
+    samples = np.random.default_rng(3).integers(0, model.config.vocab_size, (3, 40))
+    seen = []
+    handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0]))
+    logits(model, torch.as_tensor(samples))
+    handle.remove()
+    x = seen[0].reshape(-1, seen[0].shape[-1])
+    stats = collect_statistics(model, samples, ["model.layers.1.mlp.down_proj"])["model.layers.1.mlp.down_proj"]
+    assert stats.tokens == 120
+    assert torch.allclose(stats.gram, x.T @ x, rtol=1e-4, atol=1e-3)
+    assert torch.allclose(stats.mean_abs, x.abs().mean(0), rtol=1e-5)
+
+
+def test_mappings_skip_consumers_kept_in_float():
+    plan = {f"model.layers.{i}.{part}": 4 for i in range(2)
+            for part in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}
+    plan["model.layers.1.mlp.down_proj"] = 16
+    applied, skipped = phi3_mappings(2, plan)
+    assert len(applied) == 7 and Mapping(UP_DOWN, 1) not in applied
+    assert skipped == ["layers.1 gate_up_proj[up]→down_proj: model.layers.1.mlp.down_proj stays in floating point, nothing to protect"]
+    assert {m.kind for m in applied} == {NORM_QKV, V_O, UP_DOWN, "post_attention_layernorm→gate_up_proj"}
+
+
+def test_gqa_columns_follow_their_kv_head():
+    shape = Shape(hidden=96, intermediate=160, heads=6, kv_heads=2, head_dim=16)
+    columns = shape.o_columns_to_v()
+    assert columns[0] == 0 and columns[3 * 16] == 16 and columns[2 * 16 + 5] == 5 and columns[5 * 16 + 15] == 31
+    assert shape.v_rows == slice(8 * 16, 10 * 16)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_clipping_an_outlier_lowers_the_groups_output_error(symmetric):
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(16, 64, generator=generator) * 0.1
+    weight[3, 5] = 2.0  # one outlier stretches its group's range
+    x = torch.randn(500, 64, generator=generator)
+    gram = x.T @ x
+    clipped, ratio = search_clip(weight, gram, 3, 32, symmetric)
+    assert ratio < 1
+    assert output_error(clipped, gram, torch.ones(64), 3, 32, symmetric) > 0
+    before = output_error(weight, gram, torch.ones(64), 3, 32, symmetric)
+    # error of the clipped weights' quantization against the original weights
+    after = float((((weight - fake_quantize(clipped, 3, 32, symmetric)) @ gram) * (weight - fake_quantize(clipped, 3, 32, symmetric))).sum())
+    assert after < before
+    frozen, _ = search_clip(weight, gram, 3, 32, symmetric, frozen_rows=slice(0, 8))
+    assert torch.equal(frozen[:8], weight[:8])
