@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     stem = f"{date.today().isoformat()}-{env['host']}"
     if set(options.only) != set(BENCHMARKS):
         stem += "-" + "-".join(options.only)
+    for plan in options.scaling or []:  # phi4:1,2,4 -> -phi4-1-2-4
+        stem += "-" + plan.replace(":", "-").replace(",", "-")
     results["meta"] = {"date": date.today().isoformat(), "environment": env, "seconds": round(time.perf_counter() - started, 1),
                        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
                        "options": {key: value for key, value in vars(options).items()}}

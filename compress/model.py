@@ -190,8 +190,13 @@ def estimate_memory(info: ModelInfo, calibration_samples: int, calibration_seq_l
     """Bytes each stage needs on the device that runs it, from the config alone.
 
     Baseline and verification hold the model in fp32 on the CPU (stored dtype on CUDA) plus one batch of
-    logits. GPTQ holds the whole model, one Hessian [in, in] fp32 per linear layer of the current block,
-    and the calibration activations of one block ([samples, seq_len, hidden] fp32, a few copies).
+    logits. GPTQ holds the whole model as stored (llm-compressor loads dtype="auto"), one Hessian [in, in]
+    fp32 per linear layer of the current block plus two working copies of the largest (normalized, then
+    stacked), and one fp32 activation of the widest layer per calibration token. benchmarks/scaling.py
+    measures these: per layer, peak RSS grows by about the layer's stored bytes (666 MiB per Phi-4 layer
+    against 650 MiB stored, 2026-11-26), so the weights count 1.1× as a margin; per calibration token, by
+    max(hidden, 2 × intermediate) fp32. Against that run: Phi-4 slices of 1, 2, 4 layers 1.16×, 1.15×, 1.14×
+    their measured peak; extrapolated to 40 layers (31.8 GiB) 1.09×.
     """
     config = info.config
     hidden, intermediate = int(config["hidden_size"]), int(config["intermediate_size"])
@@ -199,11 +204,12 @@ def estimate_memory(info: ModelInfo, calibration_samples: int, calibration_seq_l
     model_fp32 = info.parameters * 4
     logits = 2 * eval_seq_len * vocab * 4
     hessians = 4 * (2 * hidden * hidden + intermediate * intermediate) + 4 * hidden * hidden
-    activations = 4 * calibration_samples * calibration_seq_len * max(hidden, 2 * intermediate) * 4
+    gptq_copies = 2 * 4 * max(hidden, intermediate) ** 2
+    activations = calibration_samples * calibration_seq_len * max(hidden, 2 * intermediate) * 4
     overhead = 600 * 2**20  # interpreter, torch, tokenizer
     return MemoryPlan(
         baseline=model_fp32 + logits + overhead,
-        quantize=model_fp32 + hessians + activations + overhead,
+        quantize=int(1.1 * info.weight_bytes) + hessians + gptq_copies + activations + overhead,
         verify=model_fp32 + logits + overhead,
         device_verify=info.weight_bytes + logits + 512 * 2**20,
     )

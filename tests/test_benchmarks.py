@@ -188,3 +188,20 @@ def test_options_parse_and_refuse_mistakes():
         parse(["--only", "speed"])
     with pytest.raises(SystemExit):
         parse(["--runs", "3"])
+
+
+def test_preflight_quantize_estimate_agrees_with_the_measured_scaling():
+    """compress.model.estimate_memory against benchmarks/results/2026-11-26-vm-scaling-phi4-1-2-4: GPTQ on
+    Phi-4-width bf16 slices (8×128 tokens) peaked at 6,528 / 7,213 / 8,530 MiB for 1 / 2 / 4 layers, 666 MiB
+    per layer, 31.8 GiB extrapolated to Phi-4's 40 layers. The estimate stays above each, by at most 25%."""
+    from compress.model import ModelInfo, estimate_memory
+
+    config = {"hidden_size": 5120, "intermediate_size": 17920, "vocab_size": 100352, "num_attention_heads": 40,
+              "num_key_value_heads": 10}
+    per_layer = 5120 * ((40 + 2 * 10) * 128 + 5120 + 3 * 17920) + 2 * 5120  # qkv (GQA), o, gate_up, down, norms
+    fixed = 2 * 100352 * 5120 + 5120  # embedding, untied head, final norm
+    for layers, measured_mib in [(1, 6528), (2, 7213), (4, 8530), (40, 32519)]:
+        parameters = fixed + layers * per_layer
+        info = ModelInfo("phi4-slice", Path("."), {**config, "num_hidden_layers": layers}, parameters, 2 * parameters, "bf16")
+        ratio = estimate_memory(info, 8, 128, 256).quantize / 2**20 / measured_mib
+        assert 1.0 < ratio < 1.25, (layers, ratio)
