@@ -47,8 +47,9 @@ def run_measured(command: list[str], log: Path, env: dict | None = None, timeout
     and `others_cpu`: the share of the machine's CPU time that other processes used meanwhile (0 = it ran
     alone; 0.5 on 2 cores = another job held one core), from /proc/stat minus the child's own CPU time.
 
-    Peak RSS comes from wait4's ru_maxrss, which covers the child and the descendants it waited for. This
-    runner holds no models, so what a child inherits from it at fork is small.
+    Peak RSS is the largest VmHWM among the child and its descendants, polled while they run. Not wait4's
+    ru_maxrss: Linux carries the parent's resident size at fork into it, and this runner holds several GB
+    after reading an fp32 graph's tensors for the bandwidth figures (every overhead row read 5,100 MiB).
     """
     log.parent.mkdir(parents=True, exist_ok=True)
     environment_vars = {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
@@ -58,7 +59,9 @@ def run_measured(command: list[str], log: Path, env: dict | None = None, timeout
         started = time.perf_counter()
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, env=environment_vars)
         deadline = None if timeout is None else started + timeout
+        peak_kb = 0
         while True:
+            peak_kb = max(peak_kb, _tree_peak_kb(process.pid))
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
             if pid:
                 break
@@ -68,8 +71,26 @@ def run_measured(command: list[str], log: Path, env: dict | None = None, timeout
         seconds = time.perf_counter() - started
     process.returncode = os.waitstatus_to_exitcode(status)
     others = _busy_cpu_seconds() - busy_before - usage.ru_utime - usage.ru_stime
-    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "returncode": process.returncode, "log": str(log),
+    return {"seconds": seconds, "peak_rss_mb": peak_kb / 1024, "returncode": process.returncode, "log": str(log),
             "others_cpu": round(max(others, 0.0) / (seconds * (os.cpu_count() or 1)), 3)}
+
+
+def _tree_peak_kb(pid: int) -> int:
+    """The largest VmHWM (kB) of `pid` and its living descendants; 0 for any that already ended."""
+    import psutil
+
+    try:
+        processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return 0
+    peak = 0
+    for process in processes:
+        try:
+            with open(f"/proc/{process.pid}/status") as status:
+                peak = max(peak, next((int(line.split()[1]) for line in status if line.startswith("VmHWM:")), 0))
+        except OSError:
+            continue
+    return peak
 
 
 def _busy_cpu_seconds() -> float:
