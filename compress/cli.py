@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from compress import interrupts
 from compress.data import DataError
 from compress.model import ModelError
 from compress.recipe import RecipeError, load_recipe
@@ -123,6 +124,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run folder holding re
 
 
 def _quiet_libraries() -> None:
+    interrupts.install()  # every command that runs models: a Ctrl-C is never lost
     """The libraries' own progress bars and chatter would fight our display; their logs go to files."""
     for name, value in {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
                         "TOKENIZERS_PARALLELISM": "false"}.items():

@@ -14,6 +14,7 @@ import numpy as np
 import psutil
 from rich.console import Console
 
+from compress import interrupts
 from compress.cache import baseline_key, load_baseline, store_baseline
 from compress.data import (
     array_hash,
@@ -278,6 +279,7 @@ def run(recipe: Recipe, recipe_path: str, out: Path, model_spec: str | None = No
         with progress_bar(console) as bar:
             task = bar.add_task("variants", total=len(recipe.variants))
             for variant in recipe.variants:
+                interrupts.check()
                 stamps[variant.name] = variant_stamp(recipe, variant, context, stamps)
                 reused = released_outcomes(recipe, variant, out, stamps[variant.name])
                 if reused is not None:  # resumed: released before from the same inputs, files intact

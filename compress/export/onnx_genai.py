@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from compress import interrupts
+
 # Hugging Face linear layer (suffix within a block) -> the builder's MatMul node names for it. The builder
 # splits the fused gate_up_proj (and, for some providers, qkv_proj) into separate MatMuls.
 BUILDER_NODES = {
@@ -81,6 +83,7 @@ def builder_options(variant, plan: dict[str, int], exact: bool = False) -> dict[
 
 def run_builder(source: Path, out: Path, precision: str, target: str, options: dict[str, str], cache: Path, log: Path) -> Path:
     """python -m onnxruntime_genai.models.builder in a process of its own; its output goes to `log`."""
+    interrupts.check()
     shutil.rmtree(out, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from compress import interrupts
+
 
 class MeasurementError(RuntimeError):
     """The worker failed; the message is the last line it printed."""
@@ -15,6 +17,7 @@ class MeasurementError(RuntimeError):
 
 def measure_in_subprocess(job: dict, job_dir: Path, name: str) -> dict:
     """Write the job, run the worker, return its result. The worker's log is kept beside the job."""
+    interrupts.check()
     job_dir.mkdir(parents=True, exist_ok=True)
     job = {**job, "result": str(job_dir / f"{name}.result.json")}
     job_file = job_dir / f"{name}.job.json"
