@@ -173,3 +173,19 @@ def test_clipping_an_outlier_lowers_the_groups_output_error(symmetric):
     assert after < before
     frozen, _ = search_clip(weight, gram, 3, 32, symmetric, frozen_rows=slice(0, 8))
     assert torch.equal(frozen[:8], weight[:8])
+
+
+def test_layer_by_layer_statistics_choose_what_one_pass_chooses(monkeypatch):
+    """With a Gram budget of one layer, each chunk sees the already scaled earlier layers; the scaling is
+    exact, so the search finds the same errors (near-ties may pick a neighbouring alpha)."""
+    import compress.quantize.awq_search as awq_search
+
+    samples = np.random.default_rng(5).integers(0, 4096, (4, 64))
+    plan = {name: 4 for name, module in embedded().named_modules() if isinstance(module, torch.nn.Linear) and "layers" in name}
+    _, whole = phi_awq(embedded(), plan, 32, True, 10, samples, clip=False)
+    monkeypatch.setattr(awq_search, "STATISTICS_BUDGET", 1)
+    assert awq_search._layer_chunks(embedded(), [Mapping(kind, layer) for layer in range(4) for kind in KINDS]) == [[0], [1], [2], [3]]
+    _, chunked = phi_awq(embedded(), plan, 32, True, 10, samples, clip=False)
+    assert [a["mapping"] for a in chunked["applied"]] == [a["mapping"] for a in whole["applied"]]
+    for a, b in zip(chunked["applied"], whole["applied"], strict=True):
+        assert a["error_vs_rtn"] == pytest.approx(b["error_vs_rtn"], abs=0.01), (a, b)

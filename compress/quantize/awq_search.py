@@ -1,8 +1,9 @@
 """Run Phi-aware AWQ (phi_awq.py) on a loaded model: collect input statistics, search, apply, keep the scales.
 
-The statistics come from forward passes of the original model over the calibration windows, with hooks on
-the consumers of a few layers at a time (their Gram matrices are bounded by STATISTICS_BUDGET); each pass
-stops after the last hooked layer.
+Layers are taken a few at a time (their consumers' Gram matrices within STATISTICS_BUDGET): one forward pass
+over the calibration windows, stopped after the last of them, collects their statistics; then each layer's
+mappings are searched and applied, and its consumers clipped. Later chunks therefore see the inputs of the
+already scaled (and clipped) earlier layers, as AWQ's layer-by-layer search does.
 """
 
 from __future__ import annotations
@@ -32,27 +33,9 @@ class _Stop(Exception):
     """Raised by a hook once the last layer of interest has run."""
 
 
-def collect_statistics(model, samples: np.ndarray, consumers: list[str]) -> dict[str, Statistics]:
-    """Gram matrix, sum of |x| and token count of each consumer's inputs over `samples` [n, seq_len]."""
-    found: dict[str, Statistics] = {}
-    for chunk in _chunks(model, consumers):
-        found.update(_one_pass(model, samples, chunk))
-    return found
-
-
-def _chunks(model, consumers: list[str]) -> list[list[str]]:
-    chunks, current, used = [], [], 0
-    for name in consumers:
-        size = model.get_submodule(name).in_features ** 2 * 4
-        if current and used + size > STATISTICS_BUDGET:
-            chunks.append(current)
-            current, used = [], 0
-        current.append(name)
-        used += size
-    return chunks + ([current] if current else [])
-
-
-def _one_pass(model, samples: np.ndarray, names: list[str]) -> dict[str, Statistics]:
+def collect_statistics(model, samples: np.ndarray, names: list[str]) -> dict[str, Statistics]:
+    """Gram matrix, sum of |x| and token count of each named consumer's inputs over `samples` [n, seq_len],
+    in one forward pass that stops after the last layer holding one of them."""
     import torch
 
     stats: dict[str, Statistics] = {}
@@ -104,28 +87,45 @@ def phi_awq(model, plan: dict[str, int], group_size: int, symmetric: bool, n_gri
     started = time.perf_counter()
     shape = Shape.from_config(model.config)
     mappings, skipped = phi3_mappings(len(model.model.layers), plan)
-    stats = collect_statistics(model, samples, sorted({mapping.consumer for mapping in mappings}))
-    scales, applied, clipped = {}, [], {}
     ordered = sorted(mappings, key=lambda m: (m.layer, KINDS.index(m.kind)))
-    for position, mapping in enumerate(ordered):
-        weight = model.get_submodule(mapping.consumer).weight.detach().float()
-        columns = consumer_columns(mapping, shape)
-        scale, seen = search_scale(weight, stats[mapping.consumer], columns, plan[mapping.consumer], group_size,
-                                   symmetric, n_grid)
-        apply_scale(model, mapping, scale, shape)
-        scales[mapping.label] = scale.cpu()
-        applied.append({"mapping": mapping.label, "form": seen["form"], "alpha": seen["alpha"],
-                        "error_vs_rtn": round(seen["error_vs_rtn"], 4)})
-        last_of_layer = position + 1 == len(ordered) or ordered[position + 1].layer != mapping.layer
-        if clip:
-            stats[mapping.consumer].column_scale = scale[torch.as_tensor(columns)]
-        if clip and last_of_layer:  # both rescalings of qkv_proj and gate_up_proj are in place
-            for done in (m for m in ordered if m.layer == mapping.layer):
-                clipped[done.consumer] = _clip(model, done, stats[done.consumer], plan, group_size, symmetric, shape)
+    scales, applied, clipped = {}, [], {}
+    for chunk in _layer_chunks(model, ordered):
+        todo = [mapping for mapping in ordered if mapping.layer in chunk]
+        stats = collect_statistics(model, samples, [mapping.consumer for mapping in todo])
+        for layer in chunk:
+            in_layer = [mapping for mapping in todo if mapping.layer == layer]
+            for mapping in in_layer:
+                weight = model.get_submodule(mapping.consumer).weight.detach().float()
+                columns = consumer_columns(mapping, shape)
+                scale, seen = search_scale(weight, stats[mapping.consumer], columns, plan[mapping.consumer], group_size,
+                                           symmetric, n_grid)
+                apply_scale(model, mapping, scale, shape)
+                scales[mapping.label] = scale.cpu()
+                stats[mapping.consumer].column_scale = scale[torch.as_tensor(columns)]
+                applied.append({"mapping": mapping.label, "form": seen["form"], "alpha": seen["alpha"],
+                                "error_vs_rtn": round(seen["error_vs_rtn"], 4)})
+            for mapping in in_layer if clip else ():  # both rescalings of qkv_proj and gate_up_proj are in place
+                clipped[mapping.consumer] = _clip(model, mapping, stats[mapping.consumer], plan, group_size, symmetric, shape)
+        del stats
     details = {"search": "phi", "n_grid": n_grid, "applied": applied, "skipped": skipped,
                "clip": {name: round(ratio, 3) for name, ratio in clipped.items()} if clip else None,
                "seconds": round(time.perf_counter() - started, 2)}
     return scales, details
+
+
+def _layer_chunks(model, ordered: list) -> list[list[int]]:
+    """Consecutive layers whose consumers' Gram matrices fit STATISTICS_BUDGET together (one layer at least)."""
+    size: dict[int, int] = {}
+    for mapping in ordered:
+        size[mapping.layer] = size.get(mapping.layer, 0) + model.get_submodule(mapping.consumer).in_features ** 2 * 4
+    chunks, current, used = [], [], 0
+    for layer, needed in size.items():
+        if current and used + needed > STATISTICS_BUDGET:
+            chunks.append(current)
+            current, used = [], 0
+        current.append(layer)
+        used += needed
+    return chunks + ([current] if current else [])
 
 
 def _clip(model, mapping, stats: Statistics, plan: dict[str, int], group_size: int, symmetric: bool, shape: Shape) -> float:
