@@ -136,6 +136,7 @@ def render_markdown(report: dict) -> str:
               "baseline's on the same target."]
     lines += ["", "## Verdicts", ""] + [f"- {line}" for line in verdict_lines(report)]
     lines += plan_lines(report)
+    lines += awq_mapping_lines(report)
     versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
     lines += ["", f"Versions: {versions}.", ""]
     return "\n".join(lines)
@@ -154,6 +155,28 @@ def plan_lines(report: dict) -> list[str]:
         lines += ["", f"### Layer plan of {variant['name']} ({counts}; 16 = kept in floating point)", ""]
         lines += [f"- `{layer}`: {bits}" for layer, bits in plan.items()]
     return (["", "## Per-layer precision"] + lines) if lines else []
+
+
+def awq_mapping_lines(report: dict) -> list[str]:
+    """Every AWQ mapping of each variant: applied (form, alpha, searched error against RTN's, clipping of its
+    consumer) or skipped, with the reason."""
+    lines, seen = [], set()
+    for variant in report["variants"]:
+        awq = variant.get("awq") or {}
+        if variant["name"] in seen or not (awq.get("applied") or awq.get("skipped")):
+            continue
+        seen.add(variant["name"])
+        clip = awq.get("clip") or {}
+        lines += ["", f"### {variant['name']}: {'Phi-aware' if awq.get('search') == 'phi' else 'llm-compressor'} AWQ, "
+                      f"n_grid {awq.get('n_grid')}", ""]
+        if awq.get("applied"):
+            lines += ["| mapping | form | α | error ÷ RTN's | consumer range kept (clip) |", "|---|---|---:|---:|---:|"]
+            for item in awq["applied"]:
+                kept = clip.get(item.get("consumer"))
+                lines.append(f"| {item['mapping']} | {item['form']} | {item['alpha']:.2f} | {item['error_vs_rtn']:.3f} | "
+                             f"{'—' if kept is None else f'{kept:.3f}'} |")
+        lines += [f"- skipped: {reason}" for reason in awq.get("skipped") or []]
+    return (["", "## AWQ mappings"] + lines) if lines else []
 
 
 def verdict_lines(report: dict) -> list[str]:

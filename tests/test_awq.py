@@ -61,7 +61,10 @@ def test_every_mapping_is_applied_and_its_scales_are_kept(run):
 
     with safe_open(awq["scales_file"], "pt") as scales:
         assert sorted(scales.keys()) == sorted(item["mapping"] for item in awq["applied"])
-    assert "Phi-aware AWQ applied 16 mapping(s)" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "Phi-aware AWQ applied 16 mapping(s)" in markdown
+    assert all(f"| {item['mapping']} |" in markdown for item in awq["applied"])  # every mapping, listed
+    assert "- skipped: model.layers.0.self_attn.qkv_proj: incompatible balance layers" in markdown
     stock = entry(report, "awq-stock-w4", "compressed-tensors")["awq_skipped_mappings"]
     assert len(stock) == 4 and all("qkv_proj" in line for line in stock)  # what issue 7 was about
 

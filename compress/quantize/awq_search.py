@@ -102,7 +102,7 @@ def phi_awq(model, plan: dict[str, int], group_size: int, symmetric: bool, n_gri
                 apply_scale(model, mapping, scale, shape)
                 scales[mapping.label] = scale.cpu()
                 stats[mapping.consumer].column_scale = scale[torch.as_tensor(columns)]
-                applied.append({"mapping": mapping.label, "form": seen["form"], "alpha": seen["alpha"],
+                applied.append({"mapping": mapping.label, "consumer": mapping.consumer, "form": seen["form"], "alpha": seen["alpha"],
                                 "error_vs_rtn": round(seen["error_vs_rtn"], 4)})
             for mapping in in_layer if clip else ():  # both rescalings of qkv_proj and gate_up_proj are in place
                 clipped[mapping.consumer] = _clip(model, mapping, stats[mapping.consumer], plan, group_size, symmetric, shape)
