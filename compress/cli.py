@@ -124,8 +124,8 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run folder holding re
 
 
 def _quiet_libraries() -> None:
-    interrupts.install()  # every command that runs models: a Ctrl-C is never lost
     """The libraries' own progress bars and chatter would fight our display; their logs go to files."""
+    interrupts.install()  # every command that runs models: a Ctrl-C is never lost
     for name, value in {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
                         "TOKENIZERS_PARALLELISM": "false"}.items():
         os.environ.setdefault(name, value)

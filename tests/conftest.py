@@ -42,6 +42,17 @@ def demo_run(tmp_path_factory):
     return out, result
 
 
+def run_recipe(tmp_path_factory, name: str, text: str) -> tuple[Path, dict]:
+    """`compress run` of a recipe written from `text` into a fresh folder; it must succeed. -> (out, report)."""
+    import json
+
+    folder = tmp_path_factory.mktemp(name)
+    (folder / "recipe.yaml").write_text(text)
+    result = run_cli("run", str(folder / "recipe.yaml"), "--out", str(folder / "run"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return folder / "run", json.loads((folder / "run" / "report.json").read_text())
+
+
 def entry(report: dict, name: str, fmt: str) -> dict:
     """The report's entry for one (variant, format)."""
     return next(v for v in report["variants"] if v["name"] == name and v["format"] == fmt)

@@ -2,11 +2,10 @@
 stock AWQ at 4 and 3 bits by more than twice the combined standard error, applies every mapping, keeps its
 scales, and its weights carry into an ONNX int4 graph."""
 
-import json
 import math
 
 import pytest
-from conftest import entry, run_cli
+from conftest import entry, run_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -26,11 +25,7 @@ variants:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("awq")
-    (folder / "recipe.yaml").write_text(RECIPE)
-    result = run_cli("run", str(folder / "recipe.yaml"), "--out", str(folder / "out"))
-    assert result.returncode == 0, result.stdout + result.stderr
-    return folder / "out", json.loads((folder / "out" / "report.json").read_text())
+    return run_recipe(tmp_path_factory, "awq", RECIPE)
 
 
 def kld(report, name, fmt="compressed-tensors") -> tuple[float, float]:

@@ -7,7 +7,7 @@ import numpy as np
 import onnxruntime_genai as og
 import pytest
 import torch
-from conftest import entry
+from conftest import entry, run_recipe
 from transformers import AutoModelForCausalLM
 
 from compress.export.onnx_genai import run_builder
@@ -146,13 +146,7 @@ variants:
 
 @pytest.fixture(scope="module")
 def more(tmp_path_factory):
-    from conftest import run_cli
-
-    folder = tmp_path_factory.mktemp("more")
-    (folder / "recipe.yaml").write_text(MORE_FORMATS)
-    result = run_cli("run", str(folder / "recipe.yaml"), "--out", str(folder / "run"))
-    assert result.returncode == 0, result.stdout + result.stderr
-    return folder / "run", json.loads((folder / "run" / "report.json").read_text())
+    return run_recipe(tmp_path_factory, "more", MORE_FORMATS)
 
 
 def test_awq_folder_and_awq_weights_in_onnx(more):

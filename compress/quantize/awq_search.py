@@ -15,6 +15,8 @@ import numpy as np
 
 from compress.quantize.phi_awq import (
     KINDS,
+    NORM_QKV,
+    Mapping,
     Shape,
     Statistics,
     apply_scale,
@@ -92,6 +94,7 @@ def phi_awq(model, plan: dict[str, int], group_size: int, symmetric: bool, n_gri
     for chunk in _layer_chunks(model, ordered):
         todo = [mapping for mapping in ordered if mapping.layer in chunk]
         stats = collect_statistics(model, samples, [mapping.consumer for mapping in todo])
+        column_scales = {}
         for layer in chunk:
             in_layer = [mapping for mapping in todo if mapping.layer == layer]
             for mapping in in_layer:
@@ -101,11 +104,12 @@ def phi_awq(model, plan: dict[str, int], group_size: int, symmetric: bool, n_gri
                                            symmetric, n_grid)
                 apply_scale(model, mapping, scale, shape)
                 scales[mapping.label] = scale.cpu()
-                stats[mapping.consumer].column_scale = scale[torch.as_tensor(columns)]
+                column_scales[mapping.consumer] = scale[torch.as_tensor(columns)]
                 applied.append({"mapping": mapping.label, "consumer": mapping.consumer, "form": seen["form"], "alpha": seen["alpha"],
                                 "error_vs_rtn": round(seen["error_vs_rtn"], 4)})
             for mapping in in_layer if clip else ():  # both rescalings of qkv_proj and gate_up_proj are in place
-                clipped[mapping.consumer] = _clip(model, mapping, stats[mapping.consumer], plan, group_size, symmetric, shape)
+                clipped[mapping.consumer] = _clip(model, mapping, stats[mapping.consumer], column_scales[mapping.consumer],
+                                                  plan, group_size, symmetric, shape)
         del stats
     details = {"search": "phi", "n_grid": n_grid, "applied": applied, "skipped": skipped,
                "clip": {name: round(ratio, 3) for name, ratio in clipped.items()} if clip else None,
@@ -128,12 +132,10 @@ def _layer_chunks(model, ordered: list) -> list[list[int]]:
     return chunks + ([current] if current else [])
 
 
-def _clip(model, mapping, stats: Statistics, plan: dict[str, int], group_size: int, symmetric: bool, shape: Shape) -> float:
-    """Clip one consumer's scaled weights in place; returns the mean ratio kept."""
-    from compress.quantize.phi_awq import NORM_QKV
-
+def _clip(model, mapping, stats: Statistics, scale, plan: dict[str, int], group_size: int, symmetric: bool, shape: Shape) -> float:
+    """Clip one consumer's scaled weights in place (its columns were multiplied by `scale`); returns the mean
+    ratio kept."""
     linear = model.get_submodule(mapping.consumer)
-    scale = stats.column_scale
     gram = stats.gram / scale[:, None] / scale[None, :]  # its inputs are now x / s
     frozen = slice(0, shape.v_rows.start) if mapping.kind == NORM_QKV else None
     weight, ratio = search_clip(linear.weight.detach().float(), gram, plan[mapping.consumer], group_size, symmetric, frozen)
@@ -143,14 +145,11 @@ def _clip(model, mapping, stats: Statistics, plan: dict[str, int], group_size: i
 
 def replay(model, scales: dict) -> None:
     """Apply saved scales (label -> tensor) to an unscaled model: the searched model again, without a search."""
-    from compress.quantize.phi_awq import KINDS as kinds
-    from compress.quantize.phi_awq import Mapping
-
     shape = Shape.from_config(model.config)
     for label, scale in scales.items():
         layer, kind = label.split(" ", 1)
-        if kind not in kinds:
-            raise ValueError(f"{label!r} is not a Phi-3 AWQ mapping (known: {', '.join(kinds)})")
+        if kind not in KINDS:
+            raise ValueError(f"{label!r} is not a Phi-3 AWQ mapping (known: {', '.join(KINDS)})")
         apply_scale(model, Mapping(kind, int(layer.removeprefix("layers."))), scale, shape)
 
 

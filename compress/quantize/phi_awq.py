@@ -129,7 +129,6 @@ class Statistics:
     gram: object
     abs_sum: object
     tokens: int = 0
-    column_scale: object = None  # the s its input columns were multiplied by, once applied
 
     @property
     def mean_abs(self):
@@ -197,8 +196,8 @@ def search_clip(weight, gram, bits: int, group_size: int, symmetric: bool, froze
     blocks = torch.stack([gram[g * group:(g + 1) * group, g * group:(g + 1) * group] for g in range(groups)])
     high, low = grouped.amax(-1, keepdim=True).clamp(min=0), grouped.amin(-1, keepdim=True).clamp(max=0)
     if symmetric:
-        high = low = torch.maximum(high, -low)
-        low = -low
+        high = torch.maximum(high, -low)
+        low = -high
     best_error = torch.full((out, groups), float("inf"))
     best = grouped.clone()
     chosen = torch.ones(out, groups)
@@ -231,26 +230,21 @@ def apply_scale(model, mapping: Mapping, scale, shape: Shape) -> None:
         if mapping.kind in (NORM_QKV, NORM_GATE_UP):
             norm, linear = ((block.input_layernorm, block.self_attn.qkv_proj) if mapping.kind == NORM_QKV
                             else (block.post_attention_layernorm, block.mlp.gate_up_proj))
-            _scale_(norm.weight, 1 / scale, None)
-            _scale_(linear.weight, scale, (slice(None), slice(None)))
+            _scale_(norm.weight, 1 / scale)
+            _scale_(linear.weight, scale)
         elif mapping.kind == V_O:
             qkv = block.self_attn.qkv_proj
             _scale_rows(qkv, shape.v_rows, 1 / scale)
-            _scale_(block.self_attn.o_proj.weight, scale[torch.as_tensor(shape.o_columns_to_v())], (slice(None), slice(None)))
+            _scale_(block.self_attn.o_proj.weight, scale[torch.as_tensor(shape.o_columns_to_v())])
         else:
             up = slice(shape.intermediate, 2 * shape.intermediate)
             _scale_rows(block.mlp.gate_up_proj, up, 1 / scale)
-            _scale_(block.mlp.down_proj.weight, scale, (slice(None), slice(None)))
+            _scale_(block.mlp.down_proj.weight, scale)
 
 
-def _scale_(tensor, factor, where) -> None:
-    """tensor[where] *= factor in fp32, written back in the tensor's own dtype (factor along the last axis)."""
-    part = tensor.data if where is None else tensor.data[where]
-    scaled = (part.float() * factor.float()).to(tensor.dtype)
-    if where is None:
-        tensor.data.copy_(scaled)
-    else:
-        tensor.data[where] = scaled
+def _scale_(tensor, factor) -> None:
+    """tensor *= factor along its last axis, in fp32, written back in the tensor's own dtype."""
+    tensor.data.copy_((tensor.data.float() * factor.float()).to(tensor.dtype))
 
 
 def _scale_rows(linear, rows: slice, factor) -> None:
