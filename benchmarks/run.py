@@ -22,7 +22,8 @@ if __package__ in (None, ""):  # run as a script (python benchmarks/run.py): mak
 from benchmarks.common import RESULTS, environment, log  # noqa: E402
 from benchmarks.table import render, targets  # noqa: E402
 
-BENCHMARKS = ("decode", "bandwidth", "overhead", "scaling")
+BENCHMARKS = ("decode", "bandwidth", "overhead", "scaling", "fullsize")
+DEFAULT = ("decode", "bandwidth", "overhead", "scaling")  # fullsize (an hour or more) runs only when asked for
 
 
 def _plan(values: list[str] | None) -> dict[str, list[int]] | None:
@@ -38,7 +39,9 @@ def _plan(values: list[str] | None) -> dict[str, list[int]] | None:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated: " + ", ".join(BENCHMARKS))
+    parser.add_argument("--only", default=",".join(DEFAULT), help="comma-separated: " + ", ".join(BENCHMARKS))
+    parser.add_argument("--fullsize-depths", default="1,2,4,8", help="fullsize: Phi-4-width depths to run")
+    parser.add_argument("--no-rehearsal", action="store_true", help="fullsize: skip the 32-layer Phi-4-mini rehearsal")
     parser.add_argument("--layers", type=int, default=2, help="layers of the Phi-4-mini-width model (2-4)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per speed figure (at least 5)")
     parser.add_argument("--scaling", action="append", help="WIDTH:LAYERS,... (phi4 or phi4-mini), repeatable")
@@ -55,7 +58,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_all(options: argparse.Namespace, started: float) -> dict:
-    from benchmarks import bandwidth, decode, overhead, scaling
+    from benchmarks import bandwidth, decode, fullsize, overhead, scaling
 
     # Leave a minute for writing results; a slice predicted to end after this is skipped.
     deadline = started + 60 * options.budget_minutes - 60 if options.budget_minutes else None
@@ -64,6 +67,7 @@ def run_all(options: argparse.Namespace, started: float) -> dict:
         "bandwidth": lambda results: bandwidth.run(options.layers, results.get("decode")),
         "overhead": lambda results: overhead.run(options.layers),
         "scaling": lambda results: scaling.run(_plan(options.scaling), deadline),
+        "fullsize": lambda results: fullsize.run([int(d) for d in options.fullsize_depths.split(",")], not options.no_rehearsal),
     }
     results: dict = {"errors": {}}
     seconds = {}
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     env = environment()
     results = run_all(options, time.monotonic())
     stem = f"{date.today().isoformat()}-{env['host']}"
-    if set(options.only) != set(BENCHMARKS):
+    if set(options.only) != set(DEFAULT):
         stem += "-" + "-".join(options.only)
     for plan in options.scaling or []:  # phi4:1,2,4 -> -phi4-1-2-4
         stem += "-" + plan.replace(":", "-").replace(",", "-")

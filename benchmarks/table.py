@@ -67,6 +67,10 @@ def render(results: dict) -> str:
         lines += _overhead_section(results["overhead"])
     if "scaling" in results:
         lines += _scaling_section(results["scaling"])
+    if "fullsize" in results:
+        from benchmarks.fullsize import markdown
+
+        lines += markdown(results["fullsize"])
     for name, error in results.get("errors", {}).items():
         lines += [f"**{name} failed**: {error}", ""]
     return "\n".join(lines).rstrip() + "\n"

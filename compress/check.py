@@ -88,15 +88,9 @@ def _onnx_external_data_problems(graph: Path) -> list[str]:
 
 
 def _read_tensors(folder: Path, suffixes: tuple[str, ...]) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
+    from compress.tensors import read_arrays
 
-    tensors = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, framework="np") as handle:
-            for name in handle.keys():
-                if name.endswith(suffixes):
-                    tensors[name] = handle.get_tensor(name)
-    return tensors
+    return read_arrays(folder, lambda name: name.endswith(suffixes))
 
 
 def _ct_schemes(quantization: dict, layers: list[str]) -> dict[str, dict]:

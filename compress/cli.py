@@ -34,16 +34,19 @@ def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     out: Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/<recipe name>).")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Model to use instead of the recipe's: folder, hub id or builtin:NAME.")] = None,
+    max_memory: Annotated[float | None, typer.Option("--max-memory", help="Host memory budget in GiB (default: available memory less 1 GiB).")] = None,
 ) -> None:
     """Quantize, export, verify and release every variant of RECIPE."""
     try:
+        if max_memory is not None and not max_memory > 0:
+            raise RecipeError(f"--max-memory must be a positive number of GiB, not {max_memory}")
         parsed = load_recipe(recipe)
         out = out or Path("runs") / parsed.name
         _check_out(out, model or parsed.model)
         _quiet_libraries()
         from compress.pipeline import run as run_pipeline  # torch is imported only once the recipe is valid
 
-        report = run_pipeline(parsed, str(recipe), out, model, console)
+        report = run_pipeline(parsed, str(recipe), out, model, console, max_memory)
     except BAD_INPUT as error:
         _fail(str(error))
     except MeasurementError as error:  # the original model itself would not run: nothing to compare against

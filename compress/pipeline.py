@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import psutil
 from rich.console import Console
 
-from compress import interrupts
+from compress import interrupts, memory
 from compress.cache import baseline_key, load_baseline, store_baseline
 from compress.data import (
     array_hash,
@@ -25,7 +24,7 @@ from compress.data import (
     stop_token_ids,
     token_stream,
 )
-from compress.model import ModelError, ModelInfo, estimate_memory, inspect_model
+from compress.model import ModelError, ModelInfo, inspect_model
 from compress.produce import produce
 from compress.recipe import Recipe, Variant
 from compress.release import build_manifest, package_versions, release, write_json_atomic
@@ -57,7 +56,8 @@ class Baseline:
     missing: dict[str, str]  # target -> why it could not be measured here
 
 
-def preflight(recipe: Recipe, model_spec: str, console: Console, out: Path) -> ModelInfo:
+def preflight(recipe: Recipe, model_spec: str, console: Console, out: Path, budget: int,
+              max_memory: bool = False) -> ModelInfo:
     """Resolve and inspect the model, check every variant fits it, and refuse early if memory is short."""
     info = inspect_model(model_spec)
     config = info.config
@@ -68,30 +68,29 @@ def preflight(recipe: Recipe, model_spec: str, console: Console, out: Path) -> M
                 raise ModelError(
                     f"variants[{index}].group_size: {variant.group_size} does not divide the model's {name} {size}"
                 )
-    plan = estimate_memory(info, recipe.calibration.samples, recipe.calibration.seq_len, recipe.evaluation.seq_len)
-    available = psutil.virtual_memory().available
     gib = 2**30
     console.print(
         f"   model {info.spec}: {info.parameters / 1e6:.1f}M parameters, {info.layers} layers, "
         f"{info.weight_bytes / gib:.2f} GiB as stored ({info.stored_dtype})"
     )
-    console.print(
-        f"   memory needed: baseline {plan.baseline / gib:.1f} GiB, quantize {plan.quantize / gib:.1f} GiB, "
-        f"verify {plan.verify / gib:.1f} GiB; available {available / gib:.1f} GiB"
-    )
-    if plan.largest() > available:
-        raise ModelError(
-            f"{info.spec} needs about {plan.largest() / gib:.1f} GiB of memory but only {available / gib:.1f} GiB is available"
-        )
+    console.print(f"   memory budget {budget / gib:.1f} GiB" + ("" if max_memory else " (available memory less a margin; set it with --max-memory)"))
+    for name, (needed, required) in memory.run_estimates(info, recipe, budget).items():
+        fits = needed <= budget
+        console.print(f"   {'✓' if fits else ('✗' if required else '–')} {name}: {needed / gib:.1f} GiB"
+                      + ("" if fits or required else " — will be reported not verified"), highlight=False)
+        if required and not fits:
+            raise ModelError(f"{info.spec}: the {name} needs about {needed / gib:.1f} GiB of memory but the budget is "
+                             f"{budget / gib:.1f} GiB; raise --max-memory, free memory, or lower the calibration samples")
     disk_needed, disk_free = estimate_disk(recipe, info), shutil.disk_usage(_existing_parent(out)).free
     console.print(f"   disk needed for the run folder: about {disk_needed / 2**20:.0f} MiB; free {disk_free / 2**20:.0f} MiB")
     if disk_needed > disk_free:
         raise ModelError(f"the run needs about {disk_needed / 2**20:.0f} MiB of disk in {out} but only "
                          f"{disk_free / 2**20:.0f} MiB is free; free some space or choose another --out")
     if "cuda" in recipe.targets and (free := free_device_memory("cuda")) is not None:
-        console.print(f"   GPU memory needed to verify: {plan.device_verify / gib:.1f} GiB; free {free / gib:.1f} GiB")
-        if plan.device_verify > free and recipe.targets["cuda"].required:
-            raise ModelError(f"{info.spec} needs about {plan.device_verify / gib:.1f} GiB of GPU memory but only {free / gib:.1f} GiB is free")
+        device_verify = info.weight_bytes + 2 * recipe.evaluation.seq_len * int(config["vocab_size"]) * 4 + 512 * 2**20
+        console.print(f"   GPU memory needed to verify: {device_verify / gib:.1f} GiB; free {free / gib:.1f} GiB")
+        if device_verify > free and recipe.targets["cuda"].required:
+            raise ModelError(f"{info.spec} needs about {device_verify / gib:.1f} GiB of GPU memory but only {free / gib:.1f} GiB is free")
     return info
 
 
@@ -149,13 +148,16 @@ def _job(recipe: Recipe, folder: Path, runtime: str, target: str, data: RunData)
     }
 
 
-def evaluate_baseline(recipe: Recipe, info: ModelInfo, data: RunData, run_dir: Path) -> Baseline:
+def evaluate_baseline(recipe: Recipe, info: ModelInfo, data: RunData, run_dir: Path, budget: int) -> Baseline:
     """Perplexity, reference log-probs and speed of the original model on every target present.
 
+    On the CPU the accuracy comes from a layer-at-a-time forward of the checkpoint on disk; speed and
+    generations need the whole model in transformers and are measured only where it fits `budget`.
     Cached by model fingerprint, evaluation settings, tokens, target and library versions (compress.cache).
     """
     results, references, missing = {}, {}, {}
     versions = package_versions()
+    shapes = memory.Shapes.from_info(info)
     for target in recipe.targets:
         reason = availability(target)
         if reason:
@@ -168,23 +170,32 @@ def evaluate_baseline(recipe: Recipe, info: ModelInfo, data: RunData, run_dir: P
             "versions": {name: versions[name] for name in ("torch", "transformers", "compress")},
         })
         job = {**_job(recipe, info.path, "transformers", target, data), "write_reference": str(reference)}
+        if target == "cpu":
+            whole = memory.whole_model_cpu(shapes, recipe.evaluation.seq_len)
+            job.update(layerwise=True, activation_budget=memory.activation_budget(budget),
+                       spill_dir=str(run_dir / "work" / "baseline-activations"), whole_model=whole <= budget,
+                       whole_model_reason=f"the whole model in transformers {memory.describe(whole, budget)}")
         result = load_baseline(key, reference)
         if result is None:
             result = measure_in_subprocess(job, run_dir / "baseline", target)
-            result["metrics"].update(generation_figures(result["continuations"], set(data.stop_ids), recipe.evaluation.generation_tokens))
+            if result["continuations"] is not None:
+                result["metrics"].update(generation_figures(result["continuations"], set(data.stop_ids), recipe.evaluation.generation_tokens))
             store_baseline(key, result, reference)
             result["cached"] = False
-        else:
+        elif job.get("whole_model", True):
             # Speed is never taken from the cache: speedups compare figures measured in one run.
             fresh = measure_in_subprocess({**job, "speed_only": True}, run_dir / "baseline", target)
             result["metrics"].update({k: v for k, v in fresh["metrics"].items() if k.endswith(("_tps", "_tps_min", "_tps_max", "rss_mb", "vram_mb"))})
             result["environment"], result["cached"] = fresh["environment"], True
+        else:
+            result["cached"] = True
         results[target] = result
         references[target] = reference
     return Baseline(folder_bytes(info.path), results, references, missing)
 
 
-def verify_artifact(recipe: Recipe, variant: Variant, artifact: Artifact, baseline: Baseline, data: RunData, run_dir: Path) -> dict[str, Verdict]:
+def verify_artifact(recipe: Recipe, variant: Variant, artifact: Artifact, baseline: Baseline, data: RunData, run_dir: Path,
+                    info: ModelInfo, budget: int) -> dict[str, Verdict]:
     """Load the exported artifact back from disk on each target, measure it, and check the gates."""
     gates = recipe.gates_for(variant).model_dump()
     runtime = "transformers" if artifact.runtime == "transformers" else "onnxruntime-genai"
@@ -198,6 +209,9 @@ def verify_artifact(recipe: Recipe, variant: Variant, artifact: Artifact, baseli
         if missing:
             verdicts[target] = Verdict(target, NOT_VERIFIED, {}, [missing])
             continue
+        if target == "cpu" and (needed := _whole_artifact_bytes(artifact, runtime, info, recipe)) > budget:
+            verdicts[target] = Verdict(target, NOT_VERIFIED, {}, [f"{runtime} must hold the whole artifact: it {memory.describe(needed, budget)}"])
+            continue
         job = {**_job(recipe, artifact.runnable or artifact.path, runtime, target, data), "reference": str(baseline.references[target])}
         try:
             result = measure_in_subprocess(job, run_dir / "work" / variant.name / artifact.format, target)
@@ -207,13 +221,22 @@ def verify_artifact(recipe: Recipe, variant: Variant, artifact: Artifact, baseli
         metrics = result["metrics"]
         base = baseline.results[target]["metrics"]
         metrics["size_ratio"] = artifact.size_bytes / baseline.size_bytes
-        metrics["decode_speedup"] = metrics["decode_tps"] / base["decode_tps"]
-        metrics["prefill_speedup"] = metrics["prefill_tps"] / base["prefill_tps"]
+        if "decode_tps" in base:
+            metrics["decode_speedup"] = metrics["decode_tps"] / base["decode_tps"]
+            metrics["prefill_speedup"] = metrics["prefill_tps"] / base["prefill_tps"]
         metrics.update(generation_figures(result["continuations"], set(data.stop_ids), recipe.evaluation.generation_tokens,
                                           baseline.results[target]["continuations"], recipe.evaluation.agreement_tokens))
         failures = check_gates(gates, metrics)
         verdicts[target] = Verdict(target, FAIL if failures else PASS, metrics, failures, result["environment"])
     return verdicts
+
+
+def _whole_artifact_bytes(artifact: Artifact, runtime: str, info: ModelInfo, recipe: Recipe) -> int:
+    """Memory the artifact's runtime needs to hold it: transformers dequantizes to float32 on the CPU."""
+    shapes = memory.Shapes.from_info(info)
+    if runtime == "transformers":
+        return memory.whole_model_cpu(shapes, recipe.evaluation.seq_len)
+    return memory.onnx_runtime(folder_bytes(artifact.runnable or artifact.path), shapes, recipe.evaluation.seq_len)
 
 
 def decide(recipe: Recipe, verdicts: dict[str, Verdict]) -> list[str]:
@@ -237,10 +260,11 @@ def model_fingerprint(info: ModelInfo) -> str:
     return digest.hexdigest()
 
 
-def baseline_stages(recipe: Recipe, recipe_path: str, model_spec: str, out: Path, console: Console):
+def baseline_stages(recipe: Recipe, recipe_path: str, model_spec: str, out: Path, console: Console, budget: int,
+                    max_memory: bool = False):
     """Stages 1-3, shared by `compress run` and `compress verify`. -> (info, data, baseline, context)."""
     with stage(console, 1, "Preflight") as line:
-        info = preflight(recipe, model_spec, console, out)
+        info = preflight(recipe, model_spec, console, out, budget, max_memory)
         out.mkdir(parents=True, exist_ok=True)
         line.done(f"{info.spec} is a Phi-3-architecture model and fits in memory")
     with stage(console, 2, "Data") as line:
@@ -250,9 +274,11 @@ def baseline_stages(recipe: Recipe, recipe_path: str, model_spec: str, out: Path
             f"{recipe.calibration.samples}×{recipe.calibration.seq_len} calibration tokens"
         )
     with stage(console, 3, "Baseline") as line:
-        baseline = evaluate_baseline(recipe, info, data, out)
+        baseline = evaluate_baseline(recipe, info, data, out, budget)
         line.done(", ".join(
-            f"{target}: ppl {result['metrics']['ppl']:.3f}, decode {result['metrics']['decode_tps']:.0f} tok/s"
+            f"{target}: ppl {result['metrics']['ppl']:.3f}, "
+            + (f"decode {result['metrics']['decode_tps']:.0f} tok/s" if "decode_tps" in result["metrics"]
+               else f"speed not measured ({result.get('not_measured')})")
             + (" (cached)" if result["cached"] else "")
             for target, result in baseline.results.items()
         ) + "".join(f"; {target}: not verified ({why})" for target, why in baseline.missing.items()))
@@ -268,10 +294,14 @@ def baseline_stages(recipe: Recipe, recipe_path: str, model_spec: str, out: Path
     return info, data, baseline, context
 
 
-def run(recipe: Recipe, recipe_path: str, out: Path, model_spec: str | None = None, console: Console | None = None) -> dict:
-    """Run every stage of a recipe into `out`. -> the report (also written to out/report.json)."""
+def run(recipe: Recipe, recipe_path: str, out: Path, model_spec: str | None = None, console: Console | None = None,
+        max_memory_gib: float | None = None) -> dict:
+    """Run every stage of a recipe into `out` within a host-memory budget (default: available memory less a
+    margin). -> the report (also written to out/report.json)."""
     console = console or Console()
-    info, data, baseline, context = baseline_stages(recipe, recipe_path, model_spec or recipe.model, out, console)
+    budget = int(max_memory_gib * memory.GIB) if max_memory_gib else memory.default_budget()
+    info, data, baseline, context = baseline_stages(recipe, recipe_path, model_spec or recipe.model, out, console, budget,
+                                                    bool(max_memory_gib))
     outcomes: list[Outcome] = []
     stamps: dict[str, str] = {}
     kept: list[str] = []
@@ -288,10 +318,10 @@ def run(recipe: Recipe, recipe_path: str, out: Path, model_spec: str | None = No
                     bar.advance(task)
                     continue
                 bar.update(task, description=f"{variant.name}: quantizing ({variant.method})")
-                artifacts = produce(variant, recipe, info, data.samples, out, calibration_stamp(variant, context))
+                artifacts = produce(variant, recipe, info, data.samples, out, calibration_stamp(variant, context), budget)
                 for artifact in artifacts:
                     bar.update(task, description=f"{variant.name}: verifying {artifact.format}")
-                    verdicts = verify_artifact(recipe, variant, artifact, baseline, data, out)
+                    verdicts = verify_artifact(recipe, variant, artifact, baseline, data, out, info, budget)
                     reasons = decide(recipe, verdicts)
                     outcomes.append(Outcome(artifact, verdicts, not reasons, reasons))
                 bar.advance(task)

@@ -12,7 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
-from compress.export.compressed_tensors import write_compressed_tensors
+from compress import memory
+from compress.export.gptq_v1 import write_gptq_v1
 from compress.export.onnx_genai import (
     builder_options,
     excluded_nodes,
@@ -22,8 +23,9 @@ from compress.export.onnx_genai import (
 )
 from compress.model import ModelInfo
 from compress.quantize.awq_search import SCALES_FILE, save_scales
-from compress.quantize.llmc import QUANTIZERS
+from compress.quantize.llmc import calibrate_whole_model, needs_whole_model
 from compress.quantize.plan import KEEP, plan_summary, resolve_plan
+from compress.quantize.streaming import calibrate_streaming
 from compress.quiet import library_output_to
 from compress.release import write_json_atomic
 from compress.results import NOT_APPLICABLE, NOT_VERIFIED, Artifact
@@ -63,7 +65,8 @@ def calibrated_folder(run_dir: Path, variant: str) -> Path:
     return run_dir / "work" / variant / "calibrated"
 
 
-def produce(variant, recipe, info: ModelInfo, samples, run_dir: Path, stamp: str = "") -> list[Artifact]:
+def produce(variant, recipe, info: ModelInfo, samples, run_dir: Path, stamp: str = "",
+            budget_bytes: int | None = None) -> list[Artifact]:
     """Every artifact of `variant`, written into staging/ with what its quantization decided.
 
     A calibration saved by an earlier run with the same `stamp` (same settings, model, data, versions) is
@@ -72,8 +75,8 @@ def produce(variant, recipe, info: ModelInfo, samples, run_dir: Path, stamp: str
     space = Workspace(run_dir, variant.name)
     with library_output_to(space.log):
         if variant.is_onnx:
-            return _onnx_artifacts(variant, recipe, info, run_dir, space)
-        return _calibrated_artifacts(variant, recipe, info, samples, run_dir, space, stamp)
+            return _onnx_artifacts(variant, recipe, info, run_dir, space, budget_bytes)
+        return _calibrated_artifacts(variant, recipe, info, samples, run_dir, space, stamp, budget_bytes)
 
 
 def saved_calibration(run_dir: Path, variant: str, stamp: str) -> dict | None:
@@ -85,19 +88,20 @@ def saved_calibration(run_dir: Path, variant: str, stamp: str) -> dict | None:
     return details if details.get("stamp") == stamp else None
 
 
-def _calibrated_artifacts(variant, recipe, info: ModelInfo, samples, run_dir: Path, space: Workspace, stamp: str) -> list[Artifact]:
+def _calibrated_artifacts(variant, recipe, info: ModelInfo, samples, run_dir: Path, space: Workspace, stamp: str,
+                          budget_bytes: int | None) -> list[Artifact]:
     calibrated = calibrated_folder(run_dir, variant.name)
     details = saved_calibration(run_dir, variant.name, stamp)
     if details is None:
-        model, tokenizer, details = QUANTIZERS[variant.method](info.path, variant, samples)
+        partial = calibrated.parent / "calibrating"
+        shutil.rmtree(partial, ignore_errors=True)
+        calibrate = calibrate_whole_model if needs_whole_model(variant) else calibrate_streaming
+        details = calibrate(info.path, variant, samples, partial, space.work("activations"), budget_bytes)
+        shutil.rmtree(space.work("activations"), ignore_errors=True)
         if "awq_scales" in details:  # the searched scales as data, replayable with awq_search.replay
             scales_file = space.work(SCALES_FILE)
             save_scales(details.pop("awq_scales"), scales_file)
             details["awq"]["scales_file"] = str(scales_file)
-        partial = calibrated.parent / "calibrating"
-        shutil.rmtree(partial, ignore_errors=True)
-        write_compressed_tensors(model, tokenizer, info.path, partial)
-        del model
         shutil.rmtree(calibrated, ignore_errors=True)
         os.replace(partial, calibrated)  # a killed run never leaves half a calibration
         if recipe.evaluation.sensitivity_samples:
@@ -125,8 +129,6 @@ def _calibrated_artifacts(variant, recipe, info: ModelInfo, samples, run_dir: Pa
 
 def _writer(fmt: str):
     if fmt == "gptq":
-        from compress.export.gptq_v1 import write_gptq_v1
-
         return write_gptq_v1
     from compress.export.awq_gemm import write_awq_gemm
 
@@ -141,25 +143,32 @@ def _exact_build_options(plan: dict[str, int]) -> dict[str, str]:
     return options
 
 
-def _onnx_artifacts(variant, recipe, info: ModelInfo, run_dir: Path, space: Workspace) -> list[Artifact]:
+def _onnx_artifacts(variant, recipe, info: ModelInfo, run_dir: Path, space: Workspace,
+                    budget_bytes: int | None) -> list[Artifact]:
     plan = resolve_plan(phi3_linear_names(info.config), variant.bits, list(variant.ignore), variant.layer_overrides())
-    source = info.path
     details: dict = {"layer_plan": plan, "layer_bits": plan_summary(plan), "log": str(space.log)}
     if variant.from_:
-        from compress.export.gptq_v1 import write_gptq_v1
-
         source = write_gptq_v1(calibrated_folder(run_dir, variant.from_), space.work(f"from-{variant.from_}-gptq"))
         details["from"] = f"integer weights of {variant.from_} (its saved calibration, repacked to GPTQ v1)"
         calibration = json.loads((run_dir / "work" / variant.from_ / "calibration.json").read_text())
         plan = {**plan, **{layer: bits for layer, bits in calibration["layer_plan"].items() if bits == KEEP}}
         if "sensitivity" in calibration:  # the same integer weights; the builder's compute type aside
             details["sensitivity"] = calibration["sensitivity"]
+    elif variant.method == "onnx-int8-dynamic":
+        source = info.path  # the builder's fp32 graph streams its weights; quantize_dynamic then holds the graph
+    else:
+        source = _rounded_source(variant, info, space, budget_bytes)
+        details["from"] = (f"round-to-nearest {ONNX_PRECISION[variant.method]} weights written layer by layer by compress "
+                           "(the builder never loads the float model); the builder rounds only what the folder leaves float")
     options = builder_options(variant, plan)
     details["builder_options"] = options
     artifacts = []
+    needed = memory.onnx_build(memory.Shapes.from_info(info), variant.method)
     for target in recipe.targets:
         fmt = "onnx" if target == "cpu" else f"onnx-{target}"
         reason = availability(target, "onnxruntime-genai")
+        if not reason and budget_bytes is not None and needed > budget_bytes:
+            reason = f"the ONNX builder {memory.describe(needed, budget_bytes)}"
         if reason:
             details.setdefault("not_built", {})[fmt] = reason
             continue
@@ -177,7 +186,26 @@ def _onnx_artifacts(variant, recipe, info: ModelInfo, run_dir: Path, space: Work
         target = fmt.removeprefix("onnx-")
         for artifact in artifacts:
             artifact.skipped[target] = (NOT_VERIFIED, f"the {fmt} build was not made: {reason}")
+    if not artifacts:  # nothing could be built here: the variant is still reported, not verified, never released
+        folder = space.staging("onnx")
+        folder.mkdir(parents=True)
+        skipped = {target: (NOT_VERIFIED, f"not built: {details['not_built']['onnx' if target == 'cpu' else 'onnx-' + target]}")
+                   for target in recipe.targets}
+        artifacts.append(Artifact(variant.name, variant.method, "onnx", folder, "onnxruntime-genai", 0,
+                                  {"bits_per_weight": None, "bits_per_weight_all": None}, details, runnable=folder, skipped=skipped))
     return artifacts
+
+
+def _rounded_source(variant, info: ModelInfo, space: Workspace, budget_bytes: int | None) -> Path:
+    """A GPTQ v1 folder of round-to-nearest weights for an ONNX variant without `from:`, written layer by layer,
+    so the builder reads integer weights (`-i`) instead of loading the float model whole. The head stays float
+    here: the builder's options (8-bit head, excluded nodes) decide what becomes of it, as before."""
+    bits = {"onnx-int4": 4, "onnx-int8": 8}[variant.method]
+    rtn = variant.model_copy(update={"method": "rtn", "bits": bits, "ignore": [*variant.ignore, "lm_head"]})
+    rounded = space.work("rounded")
+    shutil.rmtree(rounded, ignore_errors=True)
+    calibrate_streaming(info.path, rtn, None, rounded, space.work("activations"), budget_bytes)
+    return write_gptq_v1(rounded, space.work("rounded-gptq"))
 
 
 def _artifact(variant, fmt: str, folder: Path, runnable: Path, runtime: str, details: dict, skipped: dict) -> Artifact:

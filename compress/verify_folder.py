@@ -11,6 +11,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from compress import memory
 from compress.check import detect_format, quantized_layers, tokenizer_problems, truncation_problems, weight_problems
 from compress.data import load_documents
 from compress.export.onnx_genai import run_builder
@@ -48,7 +49,8 @@ def _artifact_name(folder: Path) -> str:
 def verify_folder(folder: Path, baseline_spec: str, recipe: Recipe, out: Path, console: Console) -> dict:
     fmt = detect_format(folder)
     console.print(f"   {folder}: {fmt}")
-    info, data, baseline, context = baseline_stages(recipe, "", baseline_spec, out, console)
+    budget = memory.default_budget()
+    info, data, baseline, context = baseline_stages(recipe, "", baseline_spec, out, console, budget)
     variant = recipe.variants[0]
     with stage(console, 4, "Check files") as line:
         problems = truncation_problems(folder)
@@ -72,7 +74,7 @@ def verify_folder(folder: Path, baseline_spec: str, recipe: Recipe, out: Path, c
         if fatal:
             verdicts = {t: Verdict(t, FAIL, {}, problems) for t in recipe.targets}
         else:
-            verdicts = verify_artifact(recipe, variant, artifact, baseline, data, out)
+            verdicts = verify_artifact(recipe, variant, artifact, baseline, data, out, info, budget)
             for target, verdict in verdicts.items():
                 if problems and verdict.status != NOT_VERIFIED:
                     verdicts[target] = Verdict(target, FAIL, verdict.metrics, problems + verdict.failures, verdict.environment)

@@ -35,9 +35,8 @@ class _Stop(Exception):
     """Raised by a hook once the last layer of interest has run."""
 
 
-def collect_statistics(model, samples: np.ndarray, names: list[str]) -> dict[str, Statistics]:
-    """Gram matrix, sum of |x| and token count of each named consumer's inputs over `samples` [n, seq_len],
-    in one forward pass that stops after the last layer holding one of them."""
+def statistics_hooks(modules: dict) -> tuple[dict[str, Statistics], list]:
+    """Forward pre-hooks that add each named module's inputs to its Statistics. -> (stats, hook handles)."""
     import torch
 
     stats: dict[str, Statistics] = {}
@@ -54,12 +53,20 @@ def collect_statistics(model, samples: np.ndarray, names: list[str]) -> dict[str
             entry.tokens += x.shape[0]
         return hook
 
+    return stats, [module.register_forward_pre_hook(record(name)) for name, module in modules.items()]
+
+
+def collect_statistics(model, samples: np.ndarray, names: list[str]) -> dict[str, Statistics]:
+    """Gram matrix, sum of |x| and token count of each named consumer's inputs over `samples` [n, seq_len],
+    in one forward pass that stops after the last layer holding one of them."""
+    import torch
+
     def stop(_module, _inputs):
         raise _Stop
 
     layers = model.model.layers
     last = max(int(name.split(".")[2]) for name in names)
-    handles = [model.get_submodule(name).register_forward_pre_hook(record(name)) for name in names]
+    stats, handles = statistics_hooks({name: model.get_submodule(name) for name in names})
     handles.append((layers[last + 1] if last + 1 < len(layers) else model.model.norm).register_forward_pre_hook(stop))
     device = next(model.parameters()).device
     try:
@@ -84,7 +91,6 @@ def phi_awq(model, plan: dict[str, int], group_size: int, symmetric: bool, n_gri
     rows of qkv_proj (attention logits are the most outlier-sensitive, as in AWQ). Clipping is not a
     rescaling: replaying the scales alone does not repeat it; the calibrated checkpoint holds its result.
     """
-    import torch
 
     started = time.perf_counter()
     shape = Shape.from_config(model.config)
@@ -94,27 +100,37 @@ def phi_awq(model, plan: dict[str, int], group_size: int, symmetric: bool, n_gri
     for chunk in _layer_chunks(model, ordered):
         todo = [mapping for mapping in ordered if mapping.layer in chunk]
         stats = collect_statistics(model, samples, [mapping.consumer for mapping in todo])
-        column_scales = {}
         for layer in chunk:
             in_layer = [mapping for mapping in todo if mapping.layer == layer]
-            for mapping in in_layer:
-                weight = model.get_submodule(mapping.consumer).weight.detach().float()
-                columns = consumer_columns(mapping, shape)
-                scale, seen = search_scale(weight, stats[mapping.consumer], columns, plan[mapping.consumer], group_size,
-                                           symmetric, n_grid)
-                apply_scale(model, mapping, scale, shape)
-                scales[mapping.label] = scale.cpu()
-                column_scales[mapping.consumer] = scale[torch.as_tensor(columns)]
-                applied.append({"mapping": mapping.label, "consumer": mapping.consumer, "form": seen["form"], "alpha": seen["alpha"],
-                                "error_vs_rtn": round(seen["error_vs_rtn"], 4)})
-            for mapping in in_layer if clip else ():  # both rescalings of qkv_proj and gate_up_proj are in place
-                clipped[mapping.consumer] = _clip(model, mapping, stats[mapping.consumer], column_scales[mapping.consumer],
-                                                  plan, group_size, symmetric, shape)
+            search_layer(model, in_layer, stats, plan, group_size, symmetric, n_grid, clip, shape, (scales, applied, clipped))
         del stats
     details = {"search": "phi", "n_grid": n_grid, "applied": applied, "skipped": skipped,
                "clip": {name: round(ratio, 3) for name, ratio in clipped.items()} if clip else None,
                "seconds": round(time.perf_counter() - started, 2)}
     return scales, details
+
+
+def search_layer(model, in_layer: list[Mapping], stats: dict[str, Statistics], plan: dict[str, int], group_size: int,
+                 symmetric: bool, n_grid: int, clip: bool, shape: Shape, found: tuple[dict, list, dict]) -> None:
+    """Search and apply one layer's mappings, then clip its consumers; adds to found = (scales by label,
+    applied mapping records, clip ratio by consumer)."""
+    import torch
+
+    scales, applied, clipped = found
+    column_scales = {}
+    for mapping in in_layer:
+        weight = model.get_submodule(mapping.consumer).weight.detach().float()
+        columns = consumer_columns(mapping, shape)
+        scale, seen = search_scale(weight, stats[mapping.consumer], columns, plan[mapping.consumer], group_size,
+                                   symmetric, n_grid)
+        apply_scale(model, mapping, scale, shape)
+        scales[mapping.label] = scale.cpu()
+        column_scales[mapping.consumer] = scale[torch.as_tensor(columns)]
+        applied.append({"mapping": mapping.label, "consumer": mapping.consumer, "form": seen["form"], "alpha": seen["alpha"],
+                        "error_vs_rtn": round(seen["error_vs_rtn"], 4)})
+    for mapping in in_layer if clip else ():  # both rescalings of qkv_proj and gate_up_proj are in place
+        clipped[mapping.consumer] = _clip(model, mapping, stats[mapping.consumer], column_scales[mapping.consumer],
+                                          plan, group_size, symmetric, shape)
 
 
 def _layer_chunks(model, ordered: list) -> list[list[int]]:

@@ -162,3 +162,18 @@ def _skipped_mappings(messages: list[str]) -> list[str]:
 
 
 QUANTIZERS = {"gptq": quantize_gptq, "awq": quantize_awq, "awq-gptq": quantize_awq_gptq, "rtn": quantize_rtn}
+
+
+def needs_whole_model(variant) -> bool:
+    """Stock AWQ runs inside llm-compressor on the loaded model; every other method streams layer by layer."""
+    return variant.method == "awq" and variant.awq_mappings == "stock"
+
+
+def calibrate_whole_model(model_path: Path, variant, samples: np.ndarray, out: Path, work: Path,
+                          budget_bytes: int | None = None) -> dict:
+    """Load the whole model, quantize it in llm-compressor, save the compressed-tensors folder `out`."""
+    from compress.export.compressed_tensors import write_compressed_tensors
+
+    model, tokenizer, details = QUANTIZERS[variant.method](model_path, variant, samples)
+    write_compressed_tensors(model, tokenizer, model_path, out)
+    return details

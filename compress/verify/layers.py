@@ -20,40 +20,37 @@ def sqnr_db(signal_power: float, noise_power: float) -> float:
     return 10 * math.log10(signal_power / noise_power) if signal_power > 0 else -math.inf
 
 
-def dequantized_weights(folder: Path, plan: dict[str, int], group_size: int, symmetric: bool) -> dict[str, np.ndarray]:
-    """{layer: Ŵ [out, in] float32} for every quantized layer of a compressed-tensors folder."""
-    from safetensors import safe_open
-
+def dequantized_weights(folder: Path, plan: dict[str, int], group_size: int, symmetric: bool,
+                        layers: list[str] | None = None) -> dict[str, np.ndarray]:
+    """{layer: Ŵ [out, in] float32} for every quantized layer of a compressed-tensors folder (or those in
+    `layers`), read one layer at a time."""
     from compress.export.repack import dequantize, unpack_compressed_tensors
+    from compress.tensors import TensorFolder
 
     weights = {}
-    tensors: dict[str, np.ndarray] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, framework="np") as handle:
-            for name in handle.keys():
-                if ".weight_" in name:
-                    tensors[name] = handle.get_tensor(name)
-    for layer, bits in plan.items():
-        if f"{layer}.weight_packed" not in tensors:
-            continue
-        linear = unpack_compressed_tensors(
-            tensors[f"{layer}.weight_packed"], tensors[f"{layer}.weight_scale"], tensors.get(f"{layer}.weight_zero_point"),
-            tuple(tensors[f"{layer}.weight_shape"]), bits, group_size, symmetric,
-        )
-        weights[layer] = dequantize(linear)
+    with TensorFolder(folder) as tensors:
+        for layer, bits in plan.items():
+            if f"{layer}.weight_packed" not in tensors or (layers is not None and layer not in layers):
+                continue
+            zero = f"{layer}.weight_zero_point"
+            linear = unpack_compressed_tensors(
+                tensors.array(f"{layer}.weight_packed"), tensors.array(f"{layer}.weight_scale"),
+                tensors.array(zero) if zero in tensors else None,
+                tuple(tensors.array(f"{layer}.weight_shape")), bits, group_size, symmetric,
+            )
+            weights[layer] = dequantize(linear)
     return weights
 
 
 def layer_sensitivity(model_path: Path, folder: Path, plan: dict[str, int], group_size: int, symmetric: bool,
                       samples: np.ndarray) -> list[dict]:
-    """[{layer, bits, sqnr_db}] worst first, from the original model run on `samples` [n, seq_len]."""
+    """[{layer, bits, sqnr_db}] worst first, from the original model run on `samples` [n, seq_len] one
+    decoder layer at a time (compress.layerwise): each layer sees the original model's own inputs."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    quantized = dequantized_weights(folder, plan, group_size, symmetric)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, local_files_only=True).eval()
-    power = {layer: [0.0, 0.0] for layer in quantized}
-    modules = dict(model.named_modules())
+    from compress.layerwise import LayerwiseModel, run_all_layers
+
+    power: dict[str, list[float]] = {}
 
     def hook(layer: str, weight: torch.Tensor):
         def record(module, inputs, output):
@@ -62,14 +59,15 @@ def layer_sensitivity(model_path: Path, folder: Path, plan: dict[str, int], grou
             power[layer][1] += float(error.pow(2).sum())
         return record
 
-    handles = [modules[layer].register_forward_hook(hook(layer, torch.from_numpy(weight)))
-               for layer, weight in quantized.items()]
-    try:
-        with torch.inference_mode():
-            for sample in samples:
-                model(torch.as_tensor(sample[None], dtype=torch.long))
-    finally:
-        for handle in handles:
-            handle.remove()
-    rows = [{"layer": layer, "bits": plan[layer], "sqnr_db": sqnr_db(*power[layer])} for layer in quantized]
+    def watch(index: int, block, _inputs):
+        prefix = f"model.layers.{index}."
+        names = [name for name in plan if name.startswith(prefix)]
+        for name, weight in dequantized_weights(folder, plan, group_size, symmetric, names).items():
+            power[name] = [0.0, 0.0]
+            block.get_submodule(name.removeprefix(prefix)).register_forward_hook(hook(name, torch.from_numpy(weight)))
+        return block
+
+    with LayerwiseModel(model_path) as model:
+        run_all_layers(model, samples, each_layer=watch).delete()
+    rows = [{"layer": layer, "bits": plan[layer], "sqnr_db": sqnr_db(*power[layer])} for layer in power]
     return sorted(rows, key=lambda row: row["sqnr_db"])

@@ -63,19 +63,17 @@ def checkpoint_bits(folder: Path) -> dict[str, float]:
 
 def read_tensors(folder: Path) -> dict[str, np.ndarray | tuple[int, int]]:
     """{name: (numel, nbytes)} of every safetensors tensor, with `weight_shape` tensors read as arrays."""
-    from safetensors import safe_open
+    from compress.tensors import TensorFolder
 
     tensors: dict[str, np.ndarray | tuple[int, int]] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, framework="np") as handle:
-            for name in handle.keys():
-                if name.endswith(".weight_shape"):
-                    tensors[name] = handle.get_tensor(name)
-                else:
-                    sliced = handle.get_slice(name)
-                    shape = sliced.get_shape()
-                    count = int(np.prod(shape)) if shape else 1
-                    tensors[name] = (count, count * _dtype_bytes(sliced.get_dtype()))
+    with TensorFolder(folder) as stored:
+        for name in stored.keys():
+            if name.endswith(".weight_shape"):
+                tensors[name] = stored.array(name)
+            else:
+                shape, dtype = stored.shape_and_dtype(name)
+                count = int(np.prod(shape)) if shape else 1
+                tensors[name] = (count, count * _dtype_bytes(dtype))
     return tensors
 
 

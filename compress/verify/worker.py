@@ -57,51 +57,70 @@ def _stack(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def run_job(job: dict) -> dict:
+    """Accuracy, generations, speed and memory of one folder on one target.
+
+    With `layerwise` (the baseline), accuracy comes from a layer-at-a-time forward of the checkpoint on
+    disk (compress/layerwise.py), before anything else is loaded. With `whole_model` false the runtime is
+    never loaded (it would not fit the memory budget): no generations and no speed, and the result says why.
+    """
     described = prepare(job["target"], job["runtime"])
-    started = time.perf_counter()
-    runtime = _runtime(job["runtime"], Path(job["artifact"]), device_for(job["target"]), described["threads"])
-    load_seconds = time.perf_counter() - started
     data = np.load(job["windows"])
     windows, prompt = data["windows"], data["prompt"]
-    targets = windows[:, 1:]
+    folder = Path(job["artifact"])
+    runtime, load_seconds = None, 0.0
+
+    def logprobs():
+        nonlocal runtime, load_seconds
+        if job.get("layerwise"):
+            from compress.layerwise import window_logprobs
+
+            return window_logprobs(folder, windows, job.get("activation_budget"), Path(job["spill_dir"]))
+        started = time.perf_counter()
+        runtime = _runtime(job["runtime"], folder, device_for(job["target"]), described["threads"])
+        load_seconds = time.perf_counter() - started
+        return runtime.window_logprobs(windows)
 
     started = time.perf_counter()
-    if job.get("speed_only"):  # the baseline's accuracy came from the cache; speed is measured in every run
-        metrics = {}
-    elif job.get("write_reference"):
-        parts = [
-            make_reference(logprobs, target, job["top_k"]).as_arrays()
-            for logprobs, target in zip(runtime.window_logprobs(windows), targets, strict=True)
-        ]
-        reference = Reference(**_stack(parts))
-        np.savez(job["write_reference"], **reference.as_arrays())
-        ppl, nll_se = perplexity(reference.target_logprobs)
-        metrics = {"ppl": ppl, "nll_se": nll_se}
-    else:
-        with np.load(job["reference"]) as stored:
-            reference = Reference(**{key: stored[key] for key in ("top_ids", "top_logprobs", "target_logprobs")})
-        parts = []
-        for index, logprobs in enumerate(runtime.window_logprobs(windows)):
-            parts.append(position_figures(reference.window(index), logprobs, targets[index]))
-        metrics = summarise(reference, _stack(parts))
+    metrics = {} if job.get("speed_only") else _accuracy(job, logprobs(), windows[:, 1:])
     eval_seconds = time.perf_counter() - started
 
-    stop_ids = set(job.get("stop_ids", []))
-    prompts = [] if job.get("speed_only") else job.get("prompts", [])
-    continuations = [runtime.generate(ids, job["generation_tokens"], stop_ids) for ids in prompts]
-    speed, generated = measure_speed(runtime, prompt, job["new_tokens"], job["speed_runs"])
-    metrics.update(speed)
+    continuations, generated = [], []
+    if job.get("whole_model", True):
+        if runtime is None:
+            started = time.perf_counter()
+            runtime = _runtime(job["runtime"], folder, device_for(job["target"]), described["threads"])
+            load_seconds = time.perf_counter() - started
+        stop_ids = set(job.get("stop_ids", []))
+        prompts = [] if job.get("speed_only") else job.get("prompts", [])
+        continuations = [runtime.generate(ids, job["generation_tokens"], stop_ids) for ids in prompts]
+        speed, generated = measure_speed(runtime, prompt, job["new_tokens"], job["speed_runs"])
+        metrics.update(speed)
+        device_peak = runtime.peak_device_memory_mb()
+        if device_peak is not None:
+            metrics["peak_vram_mb"] = device_peak
     metrics["peak_rss_mb"] = peak_rss_mb()
-    device_peak = runtime.peak_device_memory_mb()
-    if device_peak is not None:
-        metrics["peak_vram_mb"] = device_peak
     return {
         "metrics": metrics,
         "generated": generated,
-        "continuations": continuations,
+        "continuations": continuations if job.get("whole_model", True) else None,
+        "not_measured": None if job.get("whole_model", True) else job.get("whole_model_reason"),
         "environment": described,
         "seconds": {"load": load_seconds, "evaluate": eval_seconds},
     }
+
+
+def _accuracy(job: dict, logprobs, targets: np.ndarray) -> dict:
+    """Write the top-k reference (the baseline) or score against it (an artifact)."""
+    if job.get("write_reference"):
+        parts = [make_reference(window, target, job["top_k"]).as_arrays() for window, target in zip(logprobs, targets, strict=True)]
+        reference = Reference(**_stack(parts))
+        np.savez(job["write_reference"], **reference.as_arrays())
+        ppl, nll_se = perplexity(reference.target_logprobs)
+        return {"ppl": ppl, "nll_se": nll_se}
+    with np.load(job["reference"]) as stored:
+        reference = Reference(**{key: stored[key] for key in ("top_ids", "top_logprobs", "target_logprobs")})
+    parts = [position_figures(reference.window(index), window, targets[index]) for index, window in enumerate(logprobs)]
+    return summarise(reference, _stack(parts))
 
 
 def main() -> None:

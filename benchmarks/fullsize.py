@@ -1,0 +1,270 @@
+"""Benchmark 5: `compress run` at full width, where memory is real: random-weight checkpoints of Phi-4's and
+Phi-4-mini's exact widths (their quality figures mean nothing; their memory and time are real).
+
+    python -m benchmarks.run --only fullsize [--fullsize-depths 1,2,4,8] [--rehearsal/--no-rehearsal]
+
+(a) depth: Phi-4 width (hidden 5120, 40/10 heads, intermediate 17920, vocab 100352, untied), bf16, at each
+    depth, one `compress run` of GPTQ W4 g128 -> compressed-tensors and ONNX int4 `from:` it. Peak host memory
+    is the largest sum of RSS over the run's whole process tree (../shared/METRICS.md), polled every 0.1 s and
+    attributed to the stage running then (by which subprocess is alive: baseline worker, ONNX builder,
+    verification worker, or the main process alone: preflight, data, calibration, report). A line over the
+    depths gives each stage's growth per layer against one layer's stored bytes, and the 40-layer peak.
+(b) rehearsal: Phi-4-mini's exact shape (32 layers, bf16, vocab 200064, tied) through the variants of
+    recipes/phi-4-mini-instruct.yaml that issue 11 names, calibration and evaluation cut to fit 2 cores.
+(c) prediction: what preflight estimates for the real Phi-4 14B under a 16 GB machine's budget, beside (a)'s
+    measured line, and the time per layer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from benchmarks.common import CACHE, ROOT, log
+from benchmarks.maths import linear_fit
+from benchmarks.models import FULL_LAYERS, random_model
+
+DEPTHS = (1, 2, 4, 8)
+GIB, MIB = 2**30, 2**20
+SMALL_MACHINE_GIB = 16  # the machine (c) predicts for: a 16 GB laptop or desktop
+BUDGET_GIB = 16  # --max-memory of every run here: what a 16 GB machine would allow, on this 24 GB one
+DEPTH_RECIPE = """name: fullsize-{layers}
+model: {model}
+calibration: {{dataset: builtin:pydoc-calib, samples: 8, seq_len: 256, seed: 0}}
+evaluation: {{dataset: builtin:pydoc-eval, seq_len: 256, windows: 4, prompt_tokens: 64, new_tokens: 8,
+             speed_runs: 3, prompts: ["Say hello."], generation_tokens: 8, sensitivity_samples: 1}}
+targets: {{cpu: {{required: true}}}}
+variants:
+  - {{name: gptq, method: gptq, bits: 4, group_size: 128, ignore: [lm_head], formats: [compressed-tensors]}}
+  - {{name: onnx-int4-gptq, method: onnx-int4, from: gptq, group_size: 128}}
+"""
+REHEARSAL_VARIANTS = ("gptq-w4g128", "onnx-int4-gptq", "onnx-int4-rtn", "onnx-int8")
+REHEARSAL_CUTS = {"calibration": {"samples": 16, "seq_len": 512},
+                  "evaluation": {"windows": 4, "seq_len": 512, "prompt_tokens": 64, "new_tokens": 8, "speed_runs": 3,
+                                 "generation_tokens": 16, "sensitivity_samples": 1}}
+STAGES = ("main process (preflight, data, calibration, report)", "baseline worker", "ONNX builder", "verification worker")
+
+
+def _stage_of(children: list[list[str]]) -> str:
+    """Which stage a set of living subprocess command lines belongs to."""
+    for command in children:
+        joined = " ".join(command)
+        if "onnxruntime_genai.models.builder" in joined:
+            return STAGES[2]
+        if "compress.verify.worker" in joined:
+            return STAGES[1] if "/baseline/" in joined else STAGES[3]
+    return STAGES[0]
+
+
+def run_tree(command: list[str], log_file: Path, timeout: float | None = None) -> dict:
+    """Run `command`; poll the sum of RSS over its process tree. -> seconds, peak sum, peak per stage, exit code,
+    and the share of the machine's CPU other processes used meanwhile."""
+    import psutil
+
+    from benchmarks.common import _busy_cpu_seconds
+
+    environment = {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+                   "PYTHONPATH": str(ROOT), "COLUMNS": "160"}
+    busy_before, own_cpu = _busy_cpu_seconds(), 0.0
+    peaks = dict.fromkeys(STAGES, 0)
+    with log_file.open("w") as handle:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, env=environment)
+        root = psutil.Process(process.pid)
+        cpu_by_pid: dict[int, float] = {}
+        while process.poll() is None:
+            try:
+                tree = [root, *root.children(recursive=True)]
+                total, commands = 0, []
+                for member in tree:
+                    with member.oneshot():
+                        total += member.memory_info().rss
+                        times = member.cpu_times()
+                        cpu_by_pid[member.pid] = times.user + times.system
+                        if member.pid != root.pid:
+                            commands.append(member.cmdline())
+                stage = _stage_of(commands)
+                peaks[stage] = max(peaks[stage], total)
+            except psutil.Error:
+                pass
+            if timeout and time.perf_counter() - started > timeout:
+                process.kill()
+            time.sleep(0.1)
+        seconds = time.perf_counter() - started
+    own_cpu = sum(cpu_by_pid.values())
+    others = max(_busy_cpu_seconds() - busy_before - own_cpu, 0.0) / (seconds * (os.cpu_count() or 1))
+    return {"seconds": round(seconds, 1), "returncode": process.returncode, "log": str(log_file),
+            "peak_tree_rss_mb": round(max(peaks.values()) / MIB), "peak_by_stage_mb": {k: round(v / MIB) for k, v in peaks.items()},
+            "others_cpu": round(others, 3)}
+
+
+def _compress_run(recipe_text: str, model: Path, name: str, timeout: float | None = None) -> dict:
+    folder = CACHE / "fullsize" / name
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    (folder / "recipe.yaml").write_text(recipe_text)
+    command = [sys.executable, "-m", "compress.cli", "run", str(folder / "recipe.yaml"), "--out", str(folder / "run"),
+               "--model", str(model), "--max-memory", str(BUDGET_GIB)]
+    env_cache = {"COMPRESS_CACHE": str(folder / "cache")}
+    os.environ.update(env_cache)
+    measured = run_tree(command, folder / "run.log", timeout)
+    report_file = folder / "run" / "report.json"
+    measured["report"] = _summary(json.loads(report_file.read_text())) if report_file.is_file() else None
+    measured["stage_seconds"] = _stage_seconds(Path(measured["log"]).read_text(errors="replace"))
+    measured["calibration"] = {path.parent.name: {k: v for k, v in json.loads(path.read_text()).items() if k in ("seconds", "layers_seconds")}
+                               for path in (folder / "run" / "work").glob("*/calibration.json")}
+    return measured
+
+
+def _stage_seconds(output: str) -> dict[str, float]:
+    """'✓ 3. Baseline  ...  (69.2 s)' lines -> {'Baseline': 69.2}."""
+    import re
+
+    found = {}
+    for match in re.finditer(r"^✓ \d\. ([A-Za-z ,]+?)  .*\(([\d.]+) s\)\s*$", output, re.MULTILINE):
+        found[match.group(1)] = float(match.group(2))
+    return found
+
+
+def _summary(report: dict) -> list[dict]:
+    rows = []
+    for variant in report["variants"]:
+        cpu = variant["targets"].get("cpu", {})
+        rows.append({"name": variant["name"], "format": variant["format"], "released": variant["released"],
+                     "status": cpu.get("status"), "reason": cpu.get("reason"), "size_mb": round(variant["size_bytes"] / MIB, 1),
+                     "kld": (cpu.get("metrics") or {}).get("kld"), "peak_rss_mb": (cpu.get("metrics") or {}).get("peak_rss_mb")})
+    return rows
+
+
+def depth_scaling(depths=DEPTHS, deadline: float | None = None) -> dict:
+    from compress.model import inspect_model
+
+    rows = []
+    for layers in depths:
+        model = random_model("phi4", layers, "bf16", pool_layers=max(depths))
+        if deadline and rows and time.monotonic() + 1.5 * rows[-1]["seconds"] * layers / rows[-1]["layers"] > deadline:
+            log(f"fullsize: skipping {layers} layers (would overrun the time budget)")
+            rows.append({"layers": layers, "skipped": "time budget"})
+            continue
+        log(f"fullsize: Phi-4 width, {layers} layer(s)")
+        measured = _compress_run(DEPTH_RECIPE.format(layers=layers, model=model), model, f"phi4-{layers}L")
+        info = inspect_model(str(model))
+        rows.append({"layers": layers, "stored_bytes": info.weight_bytes, **measured})
+    done = [row for row in rows if "skipped" not in row and row["returncode"] == 0]
+    fits = {}
+    if len(done) >= 2:
+        layer_bytes = (done[-1]["stored_bytes"] - done[0]["stored_bytes"]) / (done[-1]["layers"] - done[0]["layers"])
+        for stage in (*STAGES, "whole tree"):
+            values = [row["peak_tree_rss_mb"] if stage == "whole tree" else row["peak_by_stage_mb"][stage] for row in done]
+            intercept, slope = linear_fit([row["layers"] for row in done], values)
+            fits[stage] = {"mb_per_layer": round(slope, 1), "share_of_layer_bytes": round(slope * MIB / layer_bytes, 3),
+                           "at_40_layers_gib": round((intercept + slope * FULL_LAYERS["phi4"]) / 1024, 2)}
+        fits["layer_stored_mb"] = round(layer_bytes / MIB, 1)
+    return {"rows": rows, "fits": fits}
+
+
+def rehearsal(timeout: float | None = None) -> dict:
+    recipe = yaml.safe_load((ROOT / "recipes" / "phi-4-mini-instruct.yaml").read_text())
+    recipe["name"] = "rehearsal-phi-4-mini"
+    for section, cuts in REHEARSAL_CUTS.items():
+        recipe[section].update(cuts)
+    recipe["variants"] = [variant for variant in recipe["variants"] if variant["name"] in REHEARSAL_VARIANTS]
+    recipe["gates"] = {}  # random weights: quality gates mean nothing here
+    model = random_model("phi4-mini", FULL_LAYERS["phi4-mini"], "bf16")
+    log("fullsize: rehearsal, Phi-4-mini exact shape (32 layers, bf16)")
+    measured = _compress_run(yaml.safe_dump(recipe, sort_keys=False), model, "rehearsal-phi4-mini", timeout)
+    return {"cuts": REHEARSAL_CUTS, "variants": list(REHEARSAL_VARIANTS), **measured}
+
+
+def prediction(depth: dict) -> dict:
+    """Preflight's estimates for the real Phi-4 14B (40 layers, bf16) under a 16 GB machine's budget."""
+    from compress import memory
+    from compress.model import ModelInfo
+    from compress.recipe import load_recipe
+
+    one = random_model("phi4", 1, "bf16")
+    config = json.loads((one / "config.json").read_text())
+    config["num_hidden_layers"] = FULL_LAYERS["phi4"]
+    shapes_1 = memory.Shapes.from_info(_info(one))
+    parameters = shapes_1.parameters + (FULL_LAYERS["phi4"] - 1) * shapes_1.layer_parameters
+    info = ModelInfo("microsoft/phi-4 (predicted)", one, config, parameters, 2 * parameters, "BF16")
+    budget = SMALL_MACHINE_GIB * GIB - memory.MARGIN
+    recipe = load_recipe(ROOT / "recipes" / "phi-4.yaml")
+    estimates = {name: {"gib": round(needed / GIB, 2), "fits": needed <= budget, "required": required}
+                 for name, (needed, required) in memory.run_estimates(info, recipe, budget).items()}
+    done = [row for row in depth.get("rows", []) if "calibration" in row and row.get("calibration")]
+    per_layer = [seconds for row in done for seconds in row["calibration"].get("gptq", {}).get("layers_seconds", [])]
+    return {"budget_gib": round(budget / GIB, 2), "parameters": parameters, "estimates": estimates,
+            "gptq_seconds_per_layer_measured": round(sorted(per_layer)[len(per_layer) // 2], 1) if per_layer else None,
+            "calibration_tokens_measured": "8×256"}
+
+
+def _info(folder: Path):
+    from compress.model import inspect_model
+
+    return inspect_model(str(folder))
+
+
+def run(depths=DEPTHS, with_rehearsal: bool = True, deadline: float | None = None) -> dict:
+    results = {"budget_gib": BUDGET_GIB, "depth": depth_scaling(depths, deadline)}
+    results["prediction"] = prediction(results["depth"])
+    if with_rehearsal:
+        results["rehearsal"] = rehearsal(timeout=90 * 60)
+    return results
+
+
+def markdown(results: dict) -> list[str]:
+    """The report section: peak by depth and stage, the fitted growth, the rehearsal, the prediction."""
+    lines = ["## Full size: memory of `compress run` by depth and stage", "",
+             f"Every run with `--max-memory {results['budget_gib']}` (a 16 GB machine's budget). Peak = largest sum of RSS "
+             "over the run's process tree, by the stage running then.", "",
+             "| layers | stored GiB | peak GiB | " + " | ".join(STAGES) + " | wall s | GPTQ s/layer | others' CPU |",
+             "|---:|---:|---:|" + "---:|" * len(STAGES) + "---:|---:|---:|"]
+    for row in results["depth"]["rows"]:
+        if "skipped" in row:
+            lines.append(f"| {row['layers']} | skipped: {row['skipped']} |")
+            continue
+        per_layer = row.get("calibration", {}).get("gptq", {}).get("layers_seconds") or []
+        lines.append(f"| {row['layers']} | {row['stored_bytes'] / GIB:.2f} | {row['peak_tree_rss_mb'] / 1024:.2f} | "
+                     + " | ".join(f"{row['peak_by_stage_mb'][stage] / 1024:.2f}" for stage in STAGES)
+                     + f" | {row['seconds']:.0f} | {sum(per_layer) / max(len(per_layer), 1):.0f} | {row['others_cpu']:.2f} |")
+    fits = results["depth"].get("fits") or {}
+    if fits:
+        lines += ["", f"Growth per added layer (one layer stores {fits['layer_stored_mb']} MiB; target ≤ 10%):", ""]
+        for stage, fit in fits.items():
+            if isinstance(fit, dict):
+                lines.append(f"- {stage}: {fit['mb_per_layer']} MiB per layer ({100 * fit['share_of_layer_bytes']:.1f}% of a "
+                             f"layer's stored bytes); at 40 layers {fit['at_40_layers_gib']} GiB")
+    if "rehearsal" in results:
+        rehearsal = results["rehearsal"]
+        lines += ["", "### Rehearsal: Phi-4-mini's exact shape (32 layers, bf16), variants " + ", ".join(rehearsal["variants"]), "",
+                  f"Cut to fit 2 cores: {json.dumps(rehearsal['cuts'])}. Exit {rehearsal['returncode']}, {rehearsal['seconds'] / 60:.1f} min, "
+                  f"peak {rehearsal['peak_tree_rss_mb'] / 1024:.2f} GiB (target ≤ 6): "
+                  + ", ".join(f"{stage} {mb / 1024:.2f}" for stage, mb in rehearsal["peak_by_stage_mb"].items()) + ".", "",
+                  "Stage times (s): " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in rehearsal["stage_seconds"].items()), ""]
+        for row in rehearsal.get("report") or []:
+            lines.append(f"- {row['name']}/{row['format']}: {row['status']}{' (' + row['reason'] + ')' if row['reason'] else ''}, "
+                         f"{row['size_mb']} MiB, released: {row['released']}")
+    prediction = results.get("prediction")
+    if prediction:
+        lines += ["", f"### Prediction: Phi-4 14B under a {prediction['budget_gib']} GiB budget (preflight's estimates)", ""]
+        for name, estimate in prediction["estimates"].items():
+            verdict = "fits" if estimate["fits"] else ("refused" if estimate["required"] else "not verified")
+            lines.append(f"- {name}: {estimate['gib']} GiB — {verdict}")
+        if prediction.get("gptq_seconds_per_layer_measured"):
+            lines.append(f"- GPTQ: {prediction['gptq_seconds_per_layer_measured']} s per layer measured at "
+                         f"{prediction['calibration_tokens_measured']} calibration tokens (scales with tokens)")
+    return lines + [""]
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=1))

@@ -1,0 +1,151 @@
+"""The run's host-memory budget and what each stage needs of it, estimated from config.json alone.
+
+Stages that touch the float model work one decoder layer at a time (compress/layerwise.py), so what they
+need does not grow with depth: one layer in float32, its statistics, the hidden states between layers
+(spilled to disk when they do not fit `activation_budget`) and, at the ends, the embedding table or head
+in their stored dtype. Checks whose runtime must hold the whole model (transformers: the baseline's speed
+and generations, compressed-tensors artifacts) are run only where that fits the budget; otherwise they are
+reported "not verified" with both figures. benchmarks/fullsize.py measures these estimates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psutil
+
+GIB = 2**30
+MARGIN = 1 * GIB  # left to the system and other programs by the default budget
+OVERHEAD = 700 * 2**20  # interpreter, torch, transformers, tokenizer: measured resident before any weight
+LAYER_BATCH = 512 * 2**20  # compress.layerwise.BATCH_BYTES: a layer's intermediates per forward chunk
+SPILL_CHUNK = 256 * 2**20  # compress.activations.CHUNK_BYTES
+
+
+def default_budget() -> int:
+    """Available memory now, less a margin."""
+    return max(psutil.virtual_memory().available - MARGIN, GIB)
+
+
+def activation_budget(budget: int) -> int:
+    """The share of the budget the hidden states between layers may take before they go to disk."""
+    return budget // 3
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the estimates need from a config and the stored checkpoint."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    layers: int
+    tied: bool
+    parameters: int
+    stored_bytes: int  # every tensor as stored
+    element_bytes: int  # of the stored dtype
+
+    @classmethod
+    def from_info(cls, info) -> Shapes:
+        config = info.config
+        heads = int(config["num_attention_heads"])
+        hidden = int(config["hidden_size"])
+        element = {"BF16": 2, "F16": 2, "F32": 4}.get(info.stored_dtype, 4)
+        return cls(hidden, int(config["intermediate_size"]), heads, int(config.get("num_key_value_heads") or heads),
+                   int(config.get("head_dim") or hidden // heads), int(config["vocab_size"]), int(config["num_hidden_layers"]),
+                   bool(config.get("tie_word_embeddings", False)), info.parameters, info.weight_bytes, element)
+
+    @property
+    def layer_parameters(self) -> int:
+        qkv = (self.heads + 2 * self.kv_heads) * self.head_dim * self.hidden
+        return qkv + self.heads * self.head_dim * self.hidden + 3 * self.intermediate * self.hidden + 2 * self.hidden
+
+    @property
+    def table_bytes(self) -> int:
+        """The embedding table (or an untied head) in its stored dtype."""
+        return self.vocab * self.hidden * self.element_bytes
+
+
+def _hidden_states(windows: int, seq_len: int, hidden: int, budget: int) -> int:
+    """Two stores of hidden states (a layer's inputs and outputs), or the chunks read from disk."""
+    whole = 2 * windows * seq_len * hidden * 4
+    return whole if whole <= activation_budget(budget) else 2 * SPILL_CHUNK + seq_len * hidden * 4
+
+
+def layerwise_forward(shapes: Shapes, windows: int, seq_len: int, budget: int) -> int:
+    """A layer-sequential forward: one float32 layer, its intermediates, the hidden states."""
+    return OVERHEAD + 4 * shapes.layer_parameters + LAYER_BATCH + _hidden_states(windows, seq_len, shapes.hidden, budget)
+
+
+def baseline_accuracy(shapes: Shapes, windows: int, seq_len: int, budget: int) -> int:
+    """Layer-sequential reference log-probs: the forward, then the head (stored) and one window's logits
+    and log-probs in float32."""
+    head = shapes.table_bytes + 2 * seq_len * shapes.vocab * 4
+    return max(layerwise_forward(shapes, windows, seq_len, budget), OVERHEAD + head + _hidden_states(windows, seq_len, shapes.hidden, budget))
+
+
+def calibration(shapes: Shapes, method: str, samples: int, seq_len: int, budget: int) -> int:
+    """Streaming calibration of one layer: the forward, plus GPTQ's Hessians (one per linear layer of the
+    block, float32, and two working copies of the largest) or AWQ's Gram matrices, plus the quantized
+    weights of the block being written."""
+    largest = max(shapes.hidden, shapes.intermediate)
+    statistics = 4 * (3 * shapes.hidden ** 2 + shapes.intermediate ** 2)
+    gptq = statistics + 2 * 4 * largest ** 2 if "gptq" in method else 0
+    awq = statistics + 2 * 4 * shapes.intermediate * largest if "awq" in method else 0
+    data = samples if method != "rtn" else 0
+    return max(layerwise_forward(shapes, data, seq_len, budget) + gptq + awq, OVERHEAD + 2 * shapes.table_bytes)
+
+
+def whole_model_cpu(shapes: Shapes, seq_len: int) -> int:
+    """transformers holding the whole model in float32 on the CPU (compress.runtimes.torch_hf) and one
+    window's logits."""
+    return OVERHEAD + 4 * shapes.parameters + 2 * seq_len * shapes.vocab * 4
+
+
+def onnx_runtime(artifact_bytes: int, shapes: Shapes, seq_len: int) -> int:
+    """onnxruntime-genai holding a graph: its weights, a KV cache and one window's logits."""
+    kv = 2 * shapes.layers * shapes.kv_heads * shapes.head_dim * seq_len * 4
+    return OVERHEAD + int(1.1 * artifact_bytes) + kv + 2 * seq_len * shapes.vocab * 4
+
+
+def onnx_build(shapes: Shapes, method: str) -> int:
+    """The ONNX GenAI builder making a graph from a quantized folder (`-i`): it holds every quantized layer
+    about 2.5 times (loader and in-memory graph) and casts the float head (or tied embedding) to float32
+    before rounding it, about 3 copies at the peak. int8-dynamic instead holds the builder's whole float32
+    graph while quantize_dynamic rewrites it. (Measured on Phi-4-mini-width slices, 2026-12-02.)"""
+    if method == "onnx-int8-dynamic":
+        return OVERHEAD + 8 * shapes.parameters
+    bits = 8 if method == "onnx-int8" else 4
+    layers = shapes.layers * shapes.layer_parameters * (bits / 8 + 2 / 128)  # integer weights and scales
+    return OVERHEAD + int(2.5 * layers) + 3 * 4 * shapes.vocab * shapes.hidden
+
+
+def describe(needed: int, budget: int) -> str:
+    return f"needs {needed / GIB:.1f} GiB, {budget / GIB:.1f} GiB available"
+
+
+def run_estimates(info, recipe, budget: int) -> dict[str, tuple[int, bool]]:
+    """What each stage of a recipe needs -> {stage: (bytes, required)}; a required stage that does not fit
+    stops the run in preflight, the others are reported "not verified" when they do not fit."""
+    from compress.model import estimate_memory
+
+    shapes = Shapes.from_info(info)
+    evaluation, calibration_set = recipe.evaluation, recipe.calibration
+    whole = whole_model_cpu(shapes, evaluation.seq_len)
+    stages = {"baseline accuracy (layer by layer)": (baseline_accuracy(shapes, evaluation.windows, evaluation.seq_len, budget), True),
+              "baseline speed and generations (whole model in transformers)": (whole, False)}
+    for variant in recipe.variants:
+        if variant.is_onnx:
+            stages[f"ONNX build, {variant.method}"] = (onnx_build(shapes, variant.method), False)
+            continue
+        if variant.method == "awq" and variant.awq_mappings == "stock":
+            needed = estimate_memory(info, calibration_set.samples, calibration_set.seq_len, evaluation.seq_len).quantize
+            stages["calibration, stock AWQ (whole model)"] = (needed, True)
+        else:
+            needed = calibration(shapes, variant.method, calibration_set.samples, calibration_set.seq_len, budget)
+            stages[f"calibration, {variant.method} (layer by layer)"] = (needed, True)
+        if "compressed-tensors" in variant.formats:
+            stages["compressed-tensors checks (whole model in transformers)"] = (whole, False)
+    return stages

@@ -1,0 +1,208 @@
+"""Calibrate a checkpoint one decoder layer at a time, straight from disk into a compressed-tensors folder.
+
+For each decoder layer, as llm-compressor's sequential pipeline does for GPTQ: read the layer from the
+checkpoint (float32 working copy), let it see its inputs (the previous layers' quantized outputs) while
+hooks collect statistics, quantize it, run it again to give the next layer its inputs, and write its
+tensors as a shard of its own. Nothing but that layer, its statistics and the hidden states between layers
+(spilled to disk beyond the memory budget) is ever in memory, whatever the depth.
+
+The maths is the libraries': compressed-tensors' min-max scales, rounding and packing, llm-compressor's
+GPTQ (`quantize_weight`, `accumulate_hessian`), and Phi-aware AWQ's search (awq_search.search_layer).
+Methods: rtn, gptq, awq (scale search, clipping, RTN) and awq-gptq (scale search, GPTQ).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from compress import interrupts
+from compress.activations import allocate
+from compress.export.compressed_tensors import CARRIED_FILES
+from compress.export.shards import ShardWriter
+from compress.layerwise import LayerwiseModel
+from compress.quantize import rounding
+from compress.quantize.plan import KEEP, plan_summary, resolve_plan
+
+BLOCK_LINEARS = ("self_attn.o_proj", "self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj")  # named_modules order
+TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "*.model")
+GPTQ_BLOCK = 128
+# Calibration runs one window per forward, as llm-compressor's pipeline does (batch size 1): batched attention
+# rounds differently, and GPTQ turns such last-bit differences into different integer weights.
+CALIBRATION_BATCH = 1
+
+
+def linear_names(layers: int) -> list[str]:
+    """Every linear layer of a Phi-3 model, in the order transformers lists its modules."""
+    return [f"model.layers.{i}.{suffix}" for i in range(layers) for suffix in BLOCK_LINEARS] + ["lm_head"]
+
+
+def quantization_config(plan: dict[str, int], group_size: int, symmetric: bool, actorder: str | None) -> dict:
+    """config.json's quantization_config, as llm-compressor writes it for the same layer plan."""
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
+    from compress.quantize.llmc import plan_groups
+
+    groups, ignore = plan_groups(plan, group_size, symmetric)
+    import compressed_tensors
+
+    schemes = {}
+    for number, group in enumerate(groups.values()):
+        args = rounding.weight_args(group["weights"]["num_bits"], group_size, symmetric, actorder)
+        schemes[f"group_{number}"] = QuantizationScheme(targets=group["targets"], weights=args, format="pack-quantized")
+    config = QuantizationConfig(config_groups=schemes, ignore=ignore, format="pack-quantized",
+                                quantization_status="compressed")
+    return {**config.model_dump(mode="json"), "sparsity_config": {}, "transform_config": {},
+            "version": compressed_tensors.__version__}
+
+
+class _OneBlock:
+    """What the AWQ search reads of a model (config, model.layers[i], get_submodule) for one loaded block."""
+
+    def __init__(self, config, index: int, block: torch.nn.Module):
+        self.config, self.index = config, index
+        self.model = SimpleNamespace(layers={index: block})
+
+    def get_submodule(self, name: str) -> torch.nn.Module:
+        return self.model.layers[self.index].get_submodule(name.removeprefix(f"model.layers.{self.index}."))
+
+
+def calibrate_streaming(model_path: Path, variant, samples: np.ndarray | None, out: Path, work: Path,
+                        budget_bytes: int | None = None) -> dict:
+    """Write the calibrated compressed-tensors folder `out` for `variant`. -> details (plan, timings, AWQ
+    scales under "awq_scales")."""
+    started = time.perf_counter()
+    method = variant.method
+    gptq, awq = method in ("gptq", "awq-gptq"), method in ("awq", "awq-gptq")
+    with LayerwiseModel(model_path) as model:
+        plan = resolve_plan(linear_names(model.layers), variant.bits, list(variant.ignore), variant.layer_overrides())
+        if all(bits == KEEP for bits in plan.values()):
+            raise ValueError(f"variant {variant.name}: every linear layer is ignored or skipped; nothing to quantize")
+        if plan["lm_head"] != KEEP:
+            raise ValueError(f"variant {variant.name}: quantizing lm_head layer by layer is not supported yet; "
+                             "keep it in floating point (ignore: [lm_head]) or use an onnx-int4 variant with an 8-bit head")
+        stored = model.tensors.tensor("model.embed_tokens.weight").dtype
+        actorder = "static" if gptq else None
+        details: dict = {"layer_plan": plan, "layer_bits": plan_summary(plan), "streamed": True, "layers_seconds": []}
+        if awq:
+            from compress.quantize.awq_search import search_layer, statistics_hooks
+            from compress.quantize.phi_awq import KINDS, Shape, phi3_mappings
+
+            shape = Shape.from_config(model.config)
+            mappings, skipped = phi3_mappings(model.layers, plan)
+            found: tuple[dict, list, dict] = ({}, [], {})
+        writer = ShardWriter(out / ".partial-shards")
+        windows = samples if samples is not None and (gptq or awq) else None
+        inputs = None
+        if windows is not None:
+            inputs = allocate(len(windows), windows.shape[1], model.hidden_size, budget_bytes, work, "calibration-a")
+            model.embed(windows, inputs)
+        for index in range(model.layers):
+            interrupts.check()
+            layer_started = time.perf_counter()
+            block = model.layer(index)
+            modules = {f"model.layers.{index}.{suffix}": block.get_submodule(suffix) for suffix in BLOCK_LINEARS}
+            if awq:
+                in_layer = sorted((m for m in mappings if m.layer == index), key=lambda m: KINDS.index(m.kind))
+                stats, handles = statistics_hooks({m.consumer: modules[m.consumer] for m in in_layer})
+                model.forward(block, inputs, None, CALIBRATION_BATCH)
+                for handle in handles:
+                    handle.remove()
+                search_layer(_OneBlock(model.config, index, block), in_layer, stats, plan, variant.group_size,
+                             variant.symmetric, variant.n_grid, method == "awq", shape, found)
+                del stats
+            hessians = _hessians(model, block, inputs, {n: m for n, m in modules.items() if plan[n] != KEEP}) if gptq else {}
+            for name, module in modules.items():
+                if plan[name] == KEEP:
+                    continue
+                args = rounding.weight_args(plan[name], variant.group_size, variant.symmetric, actorder)
+                for part, tensor in _quantize_linear(module, args, hessians.pop(name, None), variant, stored).items():
+                    writer.add(f"{name}.{part}", tensor)
+            for name, tensor in block.state_dict().items():
+                full = f"model.layers.{index}.{name}"
+                if full.rsplit(".", 1)[0] not in modules or plan[full.rsplit(".", 1)[0]] == KEEP:
+                    writer.add(full, tensor.to(stored))
+            if inputs is not None and index + 1 < model.layers:
+                outputs = allocate(len(windows), windows.shape[1], model.hidden_size, budget_bytes, work,
+                                   f"calibration-{'ab'[(index + 1) % 2]}")
+                model.forward(block, inputs, outputs, CALIBRATION_BATCH)
+                inputs.delete()
+                inputs = outputs
+            del block
+            writer.flush()
+            details["layers_seconds"].append(round(time.perf_counter() - layer_started, 2))
+        if inputs is not None:
+            inputs.delete()
+        for name in model.tensors.keys():
+            if not name.startswith("model.layers."):
+                writer.add(name, model.tensors.tensor(name))
+        shards = writer.close()
+    for shard in shards:  # the folder appears whole: shards first, then config.json last
+        shutil.move(str(shard), out / shard.name)
+    if (out / ".partial-shards" / "model.safetensors.index.json").is_file():
+        shutil.move(str(out / ".partial-shards" / "model.safetensors.index.json"), out / "model.safetensors.index.json")
+    shutil.rmtree(out / ".partial-shards", ignore_errors=True)
+    _carry_files(model_path, out)
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    config["quantization_config"] = quantization_config(plan, variant.group_size, variant.symmetric, actorder)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    details["seconds"] = round(time.perf_counter() - started, 2)
+    if awq:
+        scales, applied, clipped = found
+        details["awq"] = {"search": "phi", "n_grid": variant.n_grid, "applied": applied, "skipped": skipped,
+                          "clip": {name: round(ratio, 3) for name, ratio in clipped.items()} if method == "awq" else None,
+                          "seconds": details["seconds"]}
+        details["awq_scales"] = scales
+    return details
+
+
+def _hessians(model: LayerwiseModel, block, inputs, modules: dict) -> dict[str, torch.Tensor]:
+    """GPTQ's normalized Hessian of each module's inputs, accumulated as llm-compressor's hook does."""
+    from llmcompressor.modifiers.gptq.helpers import accumulate_hessian, make_empty_hessian
+
+    sums = {name: [make_empty_hessian(module), torch.zeros(())] for name, module in modules.items()}
+
+    def hook(name):
+        def record(module, args, _output):
+            sums[name][0], sums[name][1] = accumulate_hessian(args[0], module, *sums[name])
+        return record
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
+    try:
+        model.forward(block, inputs, None, CALIBRATION_BATCH)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: hessian / count for name, (hessian, count) in sums.items()}
+
+
+def _quantize_linear(module: torch.nn.Linear, args, hessian: torch.Tensor | None, variant, stored: torch.dtype) -> dict:
+    """Quantize one Linear in place (its weight becomes the dequantized grid values the artifact computes
+    with) -> its pack-quantized tensors."""
+    weight = module.weight.data.float()
+    scale, zero = rounding.minmax_qparams(weight, args, stored)
+    if hessian is None:
+        quantized = rounding.fake_quantize(weight, scale, zero, args)
+    else:
+        from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+
+        quantized, _loss, _fallback = quantize_weight(weight[None].clone(), hessian[None], scale[None], zero[None], None,
+                                                      args, blocksize=GPTQ_BLOCK, percdamp=variant.dampening)
+        quantized = quantized[0]
+    module.weight.data = quantized
+    codes = rounding.integer_codes(quantized, scale, zero, args)
+    return rounding.packed_tensors(codes, scale, zero, args, stored)
+
+
+def _carry_files(source: Path, out: Path) -> None:
+    """Tokenizer and generation files of the source checkpoint, unchanged."""
+    for pattern in (*TOKENIZER_PATTERNS, *CARRIED_FILES):
+        for path in Path(source).glob(pattern):
+            if path.is_file():
+                shutil.copy2(path, out / path.name)

@@ -1,0 +1,138 @@
+"""Layer-at-a-time execution and calibration against whole-model references.
+
+- compress.layerwise: the layer-sequential forward equals `from_pretrained(...)(ids)` (fp32 and bf16
+  checkpoints, hidden states in memory and spilled to disk).
+- compress.quantize.streaming: RTN equals llm-compressor's oneshot RTN bit for bit, GPTQ's first layer
+  (whose inputs do not pass through attention) equals oneshot GPTQ's, and the folder loads in transformers.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from compress.activations import Activations
+from compress.export.shards import ShardWriter
+from compress.layerwise import window_logprobs
+from compress.model import BUILTIN_MODELS
+from compress.quantize.llmc import calibrate_whole_model
+from compress.quantize.streaming import calibrate_streaming
+from compress.recipe import Variant
+from compress.tensors import TensorFolder
+
+TINY = BUILTIN_MODELS["tiny-phi4-mini"]
+
+
+@pytest.fixture(scope="module")
+def bf16_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bf16") / "model"
+    shutil.copytree(TINY, folder)
+    tensors = load_file(TINY / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    return folder
+
+
+def windows(count=3, length=96, seed=0):
+    return np.random.default_rng(seed).integers(0, 4096, size=(count, length))
+
+
+@pytest.mark.parametrize("spill", [False, True], ids=["in-memory", "spilled"])
+@pytest.mark.parametrize("which", ["fp32", "bf16"])
+def test_layer_sequential_forward_equals_a_plain_forward(which, spill, bf16_model, tmp_path):
+    folder = TINY if which == "fp32" else bf16_model
+    ids = windows()
+    ours = list(window_logprobs(folder, ids, budget_bytes=1 if spill else None, spill_dir=tmp_path if spill else None))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        reference = torch.log_softmax(model(torch.as_tensor(ids)).logits[:, :-1].float(), -1).numpy()
+    assert len(ours) == len(ids)
+    for got, expected in zip(ours, reference, strict=True):
+        assert got.shape == expected.shape
+        assert np.abs(got - expected).max() < 1e-4
+    assert not list(tmp_path.glob("*.f32")), "spilled hidden states are deleted afterwards"
+
+
+def test_spilled_activations_round_trip(tmp_path):
+    store = Activations(5, 7, 3, tmp_path / "h.f32")
+    values = torch.randn(5, 7, 3)
+    for start, stop in store.chunks(limit_bytes=2 * 7 * 3 * 4):
+        assert stop - start <= 2
+        store.write(start, values[start:stop])
+    assert torch.equal(store.read(0, 5), values)
+    assert (tmp_path / "h.f32").stat().st_size == values.numel() * 4
+    store.delete()
+    assert not (tmp_path / "h.f32").exists()
+
+
+def test_shard_writer_writes_an_index_transformers_reads(tmp_path):
+    tensors = load_file(TINY / "model.safetensors")
+    writer = ShardWriter(tmp_path / "out")
+    for index in range(4):
+        for name, tensor in tensors.items():
+            if name.startswith(f"model.layers.{index}."):
+                writer.add(name, tensor)
+        writer.flush()
+    for name, tensor in tensors.items():
+        if not name.startswith("model.layers."):
+            writer.add(name, tensor)
+    shards = writer.close()
+    assert len(shards) == 5 and (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    for name in ("config.json", "generation_config.json"):
+        shutil.copy2(TINY / name, tmp_path / "out" / name)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert torch.equal(model.state_dict()["model.layers.2.mlp.down_proj.weight"], tensors["model.layers.2.mlp.down_proj.weight"])
+    with pytest.raises(ValueError, match="written twice"):
+        writer.add("model.norm.weight", tensors["model.norm.weight"])
+
+
+def _variant(method, **extra):
+    return Variant(name=method, method=method, bits=4, group_size=128, **extra)
+
+
+def _read(folder):
+    with TensorFolder(folder) as tensors:
+        return {name: tensors.tensor(name) for name in tensors.keys()}
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return windows(count=8, length=128, seed=1)
+
+
+def test_streaming_rtn_equals_llm_compressor_rtn_bit_for_bit(samples, tmp_path):
+    streamed = tmp_path / "streamed"
+    whole = tmp_path / "whole"
+    calibrate_streaming(TINY, _variant("rtn"), samples, streamed, tmp_path / "work")
+    calibrate_whole_model(TINY, _variant("rtn"), samples, whole, tmp_path / "work")
+    ours, theirs = _read(streamed), _read(whole)
+    assert set(ours) == set(theirs)
+    for name in theirs:
+        assert ours[name].dtype == theirs[name].dtype and torch.equal(ours[name], theirs[name]), name
+    config = json.loads((streamed / "config.json").read_text())["quantization_config"]
+    assert config == json.loads((whole / "config.json").read_text())["quantization_config"]
+
+
+def test_streaming_gptq_first_layer_equals_llm_compressor_and_loads_in_transformers(samples, tmp_path):
+    streamed = tmp_path / "streamed"
+    whole = tmp_path / "whole"
+    details = calibrate_streaming(TINY, _variant("gptq"), samples, streamed, tmp_path / "work")
+    calibrate_whole_model(TINY, _variant("gptq"), samples, whole, tmp_path / "work")
+    ours, theirs = _read(streamed), _read(whole)
+    assert set(ours) == set(theirs)
+    # qkv_proj of layer 0 sees norm(embedding) in both: the same Hessian, the same GPTQ result.
+    for part in ("weight_packed", "weight_scale"):
+        name = f"model.layers.0.self_attn.qkv_proj.{part}"
+        assert torch.equal(ours[name], theirs[name]), name
+    assert details["streamed"] and len(details["layers_seconds"]) == 4
+    model = AutoModelForCausalLM.from_pretrained(streamed, dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).eval()
+    ids = torch.as_tensor(windows(2, 64, seed=3))
+    with torch.inference_mode():
+        agree = (model(ids).logits.argmax(-1) == reference(ids).logits.argmax(-1)).float().mean()
+    assert agree > 0.8
