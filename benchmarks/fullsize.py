@@ -120,9 +120,16 @@ def _compress_run(recipe_text: str, model: Path, name: str, timeout: float | Non
     report_file = folder / "run" / "report.json"
     measured["report"] = _summary(json.loads(report_file.read_text())) if report_file.is_file() else None
     measured["stage_seconds"] = _stage_seconds(Path(measured["log"]).read_text(errors="replace"))
+    measured["baseline_layerwise_rss_mb"] = _baseline_layerwise_rss(folder / "run")
     measured["calibration"] = {path.parent.name: {k: v for k, v in json.loads(path.read_text()).items() if k in ("seconds", "layers_seconds")}
                                for path in (folder / "run" / "work").glob("*/calibration.json")}
     return measured
+
+
+def _baseline_layerwise_rss(run: Path) -> float | None:
+    """The baseline worker's own peak after its layer-by-layer pass (before any whole model is loaded)."""
+    result = run / "baseline" / "cpu.result.json"
+    return json.loads(result.read_text())["metrics"].get("peak_rss_mb_layerwise") if result.is_file() else None
 
 
 def _stage_seconds(output: str) -> dict[str, float]:
@@ -163,8 +170,11 @@ def depth_scaling(depths=DEPTHS, deadline: float | None = None) -> dict:
     fits = {}
     if len(done) >= 2:
         layer_bytes = (done[-1]["stored_bytes"] - done[0]["stored_bytes"]) / (done[-1]["layers"] - done[0]["layers"])
-        for stage in (*STAGES, "whole tree"):
-            values = [row["peak_tree_rss_mb"] if stage == "whole tree" else row["peak_by_stage_mb"][stage] for row in done]
+        series = {stage: [row["peak_by_stage_mb"][stage] for row in done] for stage in STAGES}
+        series["whole tree"] = [row["peak_tree_rss_mb"] for row in done]
+        if all(row.get("baseline_layerwise_rss_mb") for row in done):
+            series["baseline layer-by-layer pass (its worker alone)"] = [row["baseline_layerwise_rss_mb"] for row in done]
+        for stage, values in series.items():
             intercept, slope = linear_fit([row["layers"] for row in done], values)
             fits[stage] = {"mb_per_layer": round(slope, 1), "share_of_layer_bytes": round(slope * MIB / layer_bytes, 3),
                            "at_40_layers_gib": round((intercept + slope * FULL_LAYERS["phi4"]) / 1024, 2)}

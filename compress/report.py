@@ -56,6 +56,7 @@ def build_report(out: Path, recipe, info, baseline, outcomes, context) -> dict:
             "size_bytes": baseline.size_bytes,
             "targets": {
                 **{t: {k: r["metrics"][k] for k in BASELINE_KEYS if k in r["metrics"]} | {"status": "measured", "accuracy_cached": r.get("cached", False), "environment": r["environment"]}
+                   | ({"speed_not_measured": r["not_measured"]} if r.get("not_measured") else {})
                    for t, r in baseline.results.items()},
                 **{t: {"status": "not-verified", "reason": why} for t, why in baseline.missing.items()},
             },
@@ -134,6 +135,8 @@ def render_markdown(report: dict) -> str:
               f"{report['evaluation']['speed_runs']} runs of {report['evaluation']['new_tokens']} new tokens after a "
               f"{report['evaluation']['prompt_tokens']}-token prompt; greedy. Speedup is decode tok/s over the "
               "baseline's on the same target."]
+    lines += [f"- Baseline on {target}: speed and generations not measured, so no speedups: {result['speed_not_measured']}."
+              for target, result in report["baseline"]["targets"].items() if result.get("speed_not_measured")]
     lines += ["", "## Verdicts", ""] + [f"- {line}" for line in verdict_lines(report)]
     lines += plan_lines(report)
     lines += awq_mapping_lines(report)

@@ -92,7 +92,7 @@ def test_shard_writer_writes_an_index_transformers_reads(tmp_path):
 
 
 def _variant(method, **extra):
-    return Variant(name=method, method=method, bits=4, group_size=128, **extra)
+    return Variant(**{"name": method, "method": method, "bits": 4, "group_size": 128, **extra})
 
 
 def _read(folder):
@@ -105,11 +105,13 @@ def samples():
     return windows(count=8, length=128, seed=1)
 
 
-def test_streaming_rtn_equals_llm_compressor_rtn_bit_for_bit(samples, tmp_path):
+@pytest.mark.parametrize("scheme", [{}, {"symmetric": False}, {"group_size": -1}, {"preset": "phi4-safe"}],
+                         ids=["sym-g128", "asym-g128", "channel", "phi4-safe"])
+def test_streaming_rtn_equals_llm_compressor_rtn_bit_for_bit(scheme, samples, tmp_path):
     streamed = tmp_path / "streamed"
     whole = tmp_path / "whole"
-    calibrate_streaming(TINY, _variant("rtn"), samples, streamed, tmp_path / "work")
-    calibrate_whole_model(TINY, _variant("rtn"), samples, whole, tmp_path / "work")
+    calibrate_streaming(TINY, _variant("rtn", **scheme), samples, streamed, tmp_path / "work")
+    calibrate_whole_model(TINY, _variant("rtn", **scheme), samples, whole, tmp_path / "work")
     ours, theirs = _read(streamed), _read(whole)
     assert set(ours) == set(theirs)
     for name in theirs:

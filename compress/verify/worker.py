@@ -83,6 +83,8 @@ def run_job(job: dict) -> dict:
     started = time.perf_counter()
     metrics = {} if job.get("speed_only") else _accuracy(job, logprobs(), windows[:, 1:])
     eval_seconds = time.perf_counter() - started
+    if job.get("layerwise"):  # what the layer-by-layer pass alone needed, before any whole model is loaded
+        metrics["peak_rss_mb_layerwise"] = peak_rss_mb()
 
     continuations, generated = [], []
     if job.get("whole_model", True):
