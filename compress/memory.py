@@ -122,6 +122,19 @@ def onnx_build(shapes: Shapes, method: str) -> int:
     return OVERHEAD + int(2.5 * layers) + 3 * 4 * shapes.vocab * shapes.hidden
 
 
+def give_back_freed_memory() -> None:
+    """Return freed heap pages to the system (glibc keeps them otherwise): after a layer-by-layer stage the
+    main process would go on holding its peak while the builder and workers it starts add theirs."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def describe(needed: int, budget: int) -> str:
     return f"needs {needed / GIB:.1f} GiB, {budget / GIB:.1f} GiB available"
 

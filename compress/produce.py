@@ -98,6 +98,7 @@ def _calibrated_artifacts(variant, recipe, info: ModelInfo, samples, run_dir: Pa
         calibrate = calibrate_whole_model if needs_whole_model(variant) else calibrate_streaming
         details = calibrate(info.path, variant, samples, partial, space.work("activations"), budget_bytes)
         shutil.rmtree(space.work("activations"), ignore_errors=True)
+        memory.give_back_freed_memory()
         if "awq_scales" in details:  # the searched scales as data, replayable with awq_search.replay
             scales_file = space.work(SCALES_FILE)
             save_scales(details.pop("awq_scales"), scales_file)
@@ -107,6 +108,7 @@ def _calibrated_artifacts(variant, recipe, info: ModelInfo, samples, run_dir: Pa
         if recipe.evaluation.sensitivity_samples:
             details["sensitivity"] = layer_sensitivity(info.path, calibrated, details["layer_plan"], variant.group_size,
                                                        variant.symmetric, samples[: recipe.evaluation.sensitivity_samples])
+            memory.give_back_freed_memory()
         details["stamp"] = stamp
         write_json_atomic(space.work("calibration.json"), details)
     else:
@@ -205,6 +207,7 @@ def _rounded_source(variant, info: ModelInfo, space: Workspace, budget_bytes: in
     rounded = space.work("rounded")
     shutil.rmtree(rounded, ignore_errors=True)
     calibrate_streaming(info.path, rtn, None, rounded, space.work("activations"), budget_bytes)
+    memory.give_back_freed_memory()
     return write_gptq_v1(rounded, space.work("rounded-gptq"))
 
 

@@ -27,6 +27,7 @@ from compress.activations import allocate
 from compress.export.compressed_tensors import CARRIED_FILES
 from compress.export.shards import ShardWriter
 from compress.layerwise import LayerwiseModel
+from compress.memory import activation_budget
 from compress.quantize import rounding
 from compress.quantize.plan import KEEP, plan_summary, resolve_plan
 
@@ -75,10 +76,11 @@ class _OneBlock:
 
 def calibrate_streaming(model_path: Path, variant, samples: np.ndarray | None, out: Path, work: Path,
                         budget_bytes: int | None = None) -> dict:
-    """Write the calibrated compressed-tensors folder `out` for `variant`. -> details (plan, timings, AWQ
-    scales under "awq_scales")."""
+    """Write the calibrated compressed-tensors folder `out` for `variant`; hidden states go to files in `work`
+    beyond their share of `budget_bytes`. -> details (plan, timings, AWQ scales under "awq_scales")."""
     started = time.perf_counter()
     method = variant.method
+    budget_bytes = None if budget_bytes is None else activation_budget(budget_bytes)  # the hidden states' share
     gptq, awq = method in ("gptq", "awq-gptq"), method in ("awq", "awq-gptq")
     with LayerwiseModel(model_path) as model:
         plan = resolve_plan(linear_names(model.layers), variant.bits, list(variant.ignore), variant.layer_overrides())
