@@ -67,7 +67,8 @@ def run_all(options: argparse.Namespace, started: float) -> dict:
         "bandwidth": lambda results: bandwidth.run(options.layers, results.get("decode")),
         "overhead": lambda results: overhead.run(options.layers),
         "scaling": lambda results: scaling.run(_plan(options.scaling), deadline),
-        "fullsize": lambda results: fullsize.run([int(d) for d in options.fullsize_depths.split(",")], not options.no_rehearsal),
+        "fullsize": lambda results: fullsize.run([int(d) for d in options.fullsize_depths.split(",") if d.strip()],
+                                                 not options.no_rehearsal),
     }
     results: dict = {"errors": {}}
     seconds = {}
@@ -95,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
         stem += "-" + "-".join(options.only)
     for plan in options.scaling or []:  # phi4:1,2,4 -> -phi4-1-2-4
         stem += "-" + plan.replace(":", "-").replace(",", "-")
+    if "fullsize" in options.only:  # -phi4-1-2 for the depths, -rehearsal when it ran
+        depths = [d.strip() for d in options.fullsize_depths.split(",") if d.strip()]
+        stem += ("-phi4-" + "-".join(depths) if depths else "") + ("" if options.no_rehearsal else "-rehearsal")
     results["meta"] = {"date": date.today().isoformat(), "environment": env, "seconds": round(time.perf_counter() - started, 1),
                        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
                        "options": {key: value for key, value in vars(options).items()}}

@@ -142,8 +142,10 @@ def calibrate_streaming(model_path: Path, variant, samples: np.ndarray | None, o
         if inputs is not None:
             inputs.delete()
         for name in model.tensors.keys():
-            if not name.startswith("model.layers."):
+            if not name.startswith("model.layers."):  # embedding, final norm, head: one at a time, as stored
                 writer.add(name, model.tensors.tensor(name))
+                if model.tensors.shape_and_dtype(name)[0][0] > 1 and len(model.tensors.shape_and_dtype(name)[0]) > 1:
+                    writer.flush()
         shards = writer.close()
     for shard in shards:  # the folder appears whole: shards first, then config.json last
         shutil.move(str(shard), out / shard.name)
