@@ -156,8 +156,11 @@ def _onnx_artifacts(variant, recipe, info: ModelInfo, run_dir: Path, space: Work
         plan = {**plan, **{layer: bits for layer, bits in calibration["layer_plan"].items() if bits == KEEP}}
         if "sensitivity" in calibration:  # the same integer weights; the builder's compute type aside
             details["sensitivity"] = calibration["sensitivity"]
-    elif variant.method == "onnx-int8-dynamic":
-        source = info.path  # the builder's fp32 graph streams its weights; quantize_dynamic then holds the graph
+    elif variant.method == "onnx-int8-dynamic" or _keeps_decoder_layers(plan):
+        # int8-dynamic: the builder's fp32 graph streams its weights, quantize_dynamic then holds the graph.
+        # A plan that keeps decoder layers float: the builder's GPTQ reader needs every decoder layer quantized,
+        # so the builder rounds the float checkpoint itself (and holds it whole: preflight's estimate says so).
+        source = info.path
     else:
         source = _rounded_source(variant, info, space, budget_bytes)
         details["from"] = (f"round-to-nearest {ONNX_PRECISION[variant.method]} weights written layer by layer by compress "
@@ -165,7 +168,7 @@ def _onnx_artifacts(variant, recipe, info: ModelInfo, run_dir: Path, space: Work
     options = builder_options(variant, plan)
     details["builder_options"] = options
     artifacts = []
-    needed = memory.onnx_build(memory.Shapes.from_info(info), variant.method)
+    needed = memory.onnx_build(memory.Shapes.from_info(info), variant.method, source == info.path)
     for target in recipe.targets:
         fmt = "onnx" if target == "cpu" else f"onnx-{target}"
         reason = availability(target, "onnxruntime-genai")
@@ -196,6 +199,10 @@ def _onnx_artifacts(variant, recipe, info: ModelInfo, run_dir: Path, space: Work
         artifacts.append(Artifact(variant.name, variant.method, "onnx", folder, "onnxruntime-genai", 0,
                                   {"bits_per_weight": None, "bits_per_weight_all": None}, details, runnable=folder, skipped=skipped))
     return artifacts
+
+
+def _keeps_decoder_layers(plan: dict[str, int]) -> bool:
+    return any(bits == KEEP for layer, bits in plan.items() if layer != "lm_head")
 
 
 def _rounded_source(variant, info: ModelInfo, space: Workspace, budget_bytes: int | None) -> Path:

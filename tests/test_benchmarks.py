@@ -205,3 +205,18 @@ def test_preflight_quantize_estimate_agrees_with_the_measured_scaling():
         info = ModelInfo("phi4-slice", Path("."), {**config, "num_hidden_layers": layers}, parameters, 2 * parameters, "bf16")
         ratio = estimate_memory(info, 8, 128, 256).quantize / 2**20 / measured_mib
         assert 1.0 < ratio < 1.25, (layers, ratio)
+
+
+def test_fullsize_attributes_memory_to_stages_and_reads_stage_times():
+    from benchmarks.fullsize import STAGES, _stage_of, _stage_seconds, markdown
+
+    assert _stage_of([]) == STAGES[0]
+    assert _stage_of([["python", "-m", "onnxruntime_genai.models.builder", "-i", "x"]]) == STAGES[2]
+    assert _stage_of([["python", "-m", "compress.verify.worker", "/run/baseline/cpu.job.json"]]) == STAGES[1]
+    assert _stage_of([["python", "-m", "compress.verify.worker", "/run/work/gptq/onnx/cpu.job.json"]]) == STAGES[3]
+    output = "✓ 2. Data  4×256 evaluation tokens  (7.0 s)\n✓ 4. Quantize, export, verify  2 artifact(s)  (834.7 s)\n"
+    assert _stage_seconds(output) == {"Data": 7.0, "Quantize, export, verify": 834.7}
+    row = {"layers": 1, "stored_bytes": 2**30, "seconds": 10.0, "peak_tree_rss_mb": 2048, "others_cpu": 0.0,
+           "peak_by_stage_mb": dict.fromkeys(STAGES, 1024), "calibration": {"gptq": {"layers_seconds": [5.0]}}}
+    text = "\n".join(markdown({"budget_gib": 16, "depth": {"rows": [row, {"layers": 8, "skipped": "time budget"}], "fits": {}}}))
+    assert "| 1 | 1.00 | 2.00 | 1.00 | 1.00 | 1.00 | 1.00 | 10 | 5 | 0.00 |" in text and "skipped: time budget" in text
