@@ -41,8 +41,8 @@ evaluation: {{dataset: builtin:pydoc-eval, seq_len: 256, windows: 4, prompt_toke
              speed_runs: 3, prompts: ["Say hello."], generation_tokens: 8, sensitivity_samples: 1}}
 targets: {{cpu: {{required: true}}}}
 variants:
-  - {{name: gptq, method: gptq, bits: 4, group_size: 128, ignore: [lm_head], formats: [compressed-tensors]}}
-  - {{name: onnx-int4-gptq, method: onnx-int4, from: gptq, group_size: 128}}
+  - {{name: {method}, method: {method}, bits: 4, group_size: 128, ignore: [lm_head], formats: [compressed-tensors]}}
+  - {{name: onnx-int4-{method}, method: onnx-int4, from: {method}, group_size: 128}}
 """
 REHEARSAL_VARIANTS = ("gptq-w4g128", "onnx-int4-gptq", "onnx-int4-rtn", "onnx-int8")
 REHEARSAL_CUTS = {"calibration": {"samples": 16, "seq_len": 512},
@@ -152,7 +152,8 @@ def _summary(report: dict) -> list[dict]:
     return rows
 
 
-def depth_scaling(depths=DEPTHS, deadline: float | None = None) -> dict:
+def depth_scaling(depths=DEPTHS, deadline: float | None = None, method: str = "gptq") -> dict:
+    """(a) at each depth; `method` rtn measures the same stages without GPTQ's minutes per layer."""
     from compress.model import inspect_model
 
     rows = []
@@ -163,9 +164,9 @@ def depth_scaling(depths=DEPTHS, deadline: float | None = None) -> dict:
             rows.append({"layers": layers, "skipped": "time budget"})
             continue
         log(f"fullsize: Phi-4 width, {layers} layer(s)")
-        measured = _compress_run(DEPTH_RECIPE.format(layers=layers, model=model), model, f"phi4-{layers}L")
+        measured = _compress_run(DEPTH_RECIPE.format(layers=layers, model=model, method=method), model, f"phi4-{method}-{layers}L")
         info = inspect_model(str(model))
-        rows.append({"layers": layers, "stored_bytes": info.weight_bytes, **measured})
+        rows.append({"layers": layers, "method": method, "stored_bytes": info.weight_bytes, **measured})
     done = [row for row in rows if "skipped" not in row and row["returncode"] == 0]
     fits = {}
     if len(done) >= 2:
@@ -179,7 +180,7 @@ def depth_scaling(depths=DEPTHS, deadline: float | None = None) -> dict:
             fits[stage] = {"mb_per_layer": round(slope, 1), "share_of_layer_bytes": round(slope * MIB / layer_bytes, 3),
                            "at_40_layers_gib": round((intercept + slope * FULL_LAYERS["phi4"]) / 1024, 2)}
         fits["layer_stored_mb"] = round(layer_bytes / MIB, 1)
-    return {"rows": rows, "fits": fits}
+    return {"method": method, "rows": rows, "fits": fits}
 
 
 def rehearsal(timeout: float | None = None) -> dict:
@@ -213,6 +214,7 @@ def prediction(depth: dict) -> dict:
                  for name, (needed, required) in memory.run_estimates(info, recipe, budget).items()}
     done = [row for row in depth.get("rows", []) if "calibration" in row and row.get("calibration")]
     per_layer = [seconds for row in done for seconds in row["calibration"].get("gptq", {}).get("layers_seconds", [])]
+    # measured GPTQ seconds per Phi-4-width layer, when the depth run used GPTQ
     return {"budget_gib": round(budget / GIB, 2), "parameters": parameters, "estimates": estimates,
             "gptq_seconds_per_layer_measured": round(sorted(per_layer)[len(per_layer) // 2], 1) if per_layer else None,
             "calibration_tokens_measured": "8×256"}
@@ -224,8 +226,8 @@ def _info(folder: Path):
     return inspect_model(str(folder))
 
 
-def run(depths=DEPTHS, with_rehearsal: bool = True, deadline: float | None = None) -> dict:
-    results = {"budget_gib": BUDGET_GIB, "depth": depth_scaling(depths, deadline)}
+def run(depths=DEPTHS, with_rehearsal: bool = True, deadline: float | None = None, method: str = "gptq") -> dict:
+    results = {"budget_gib": BUDGET_GIB, "depth": depth_scaling(depths, deadline, method)}
     results["prediction"] = prediction(results["depth"])
     if with_rehearsal:
         results["rehearsal"] = rehearsal(timeout=90 * 60)
@@ -237,13 +239,14 @@ def markdown(results: dict) -> list[str]:
     lines = ["## Full size: memory of `compress run` by depth and stage", "",
              f"Every run with `--max-memory {results['budget_gib']}` (what a 16 GB machine leaves). Peak = largest sum of RSS "
              "over the run's process tree, by the stage running then.", "",
-             "| layers | stored GiB | peak GiB | " + " | ".join(STAGES) + " | wall s | GPTQ s/layer | others' CPU |",
+             f"Calibration method: {results['depth'].get('method', 'gptq')}.", "",
+             "| layers | stored GiB | peak GiB | " + " | ".join(STAGES) + " | wall s | calibration s/layer | others' CPU |",
              "|---:|---:|---:|" + "---:|" * len(STAGES) + "---:|---:|---:|"]
     for row in results["depth"]["rows"]:
         if "skipped" in row:
             lines.append(f"| {row['layers']} | skipped: {row['skipped']} |")
             continue
-        per_layer = row.get("calibration", {}).get("gptq", {}).get("layers_seconds") or []
+        per_layer = row.get("calibration", {}).get(row.get("method", "gptq"), {}).get("layers_seconds") or []
         lines.append(f"| {row['layers']} | {row['stored_bytes'] / GIB:.2f} | {row['peak_tree_rss_mb'] / 1024:.2f} | "
                      + " | ".join(f"{row['peak_by_stage_mb'][stage] / 1024:.2f}" for stage in STAGES)
                      + f" | {row['seconds']:.0f} | {sum(per_layer) / max(len(per_layer), 1):.0f} | {row['others_cpu']:.2f} |")

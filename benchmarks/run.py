@@ -42,6 +42,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(DEFAULT), help="comma-separated: " + ", ".join(BENCHMARKS))
     parser.add_argument("--fullsize-depths", default="1,2,4,8", help="fullsize: Phi-4-width depths to run")
     parser.add_argument("--no-rehearsal", action="store_true", help="fullsize: skip the 32-layer Phi-4-mini rehearsal")
+    parser.add_argument("--fullsize-method", default="gptq", choices=["gptq", "rtn"],
+                        help="fullsize: calibration of the depth runs (rtn: the same stages without GPTQ's minutes per layer)")
     parser.add_argument("--layers", type=int, default=2, help="layers of the Phi-4-mini-width model (2-4)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per speed figure (at least 5)")
     parser.add_argument("--scaling", action="append", help="WIDTH:LAYERS,... (phi4 or phi4-mini), repeatable")
@@ -68,7 +70,7 @@ def run_all(options: argparse.Namespace, started: float) -> dict:
         "overhead": lambda results: overhead.run(options.layers),
         "scaling": lambda results: scaling.run(_plan(options.scaling), deadline),
         "fullsize": lambda results: fullsize.run([int(d) for d in options.fullsize_depths.split(",") if d.strip()],
-                                                 not options.no_rehearsal),
+                                                 not options.no_rehearsal, method=options.fullsize_method),
     }
     results: dict = {"errors": {}}
     seconds = {}
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         stem += "-" + plan.replace(":", "-").replace(",", "-")
     if "fullsize" in options.only:  # -phi4-1-2 for the depths, -rehearsal when it ran
         depths = [d.strip() for d in options.fullsize_depths.split(",") if d.strip()]
-        stem += ("-phi4-" + "-".join(depths) if depths else "") + ("" if options.no_rehearsal else "-rehearsal")
+        stem += (f"-phi4-{options.fullsize_method}-" + "-".join(depths) if depths else "") + ("" if options.no_rehearsal else "-rehearsal")
     results["meta"] = {"date": date.today().isoformat(), "environment": env, "seconds": round(time.perf_counter() - started, 1),
                        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
                        "options": {key: value for key, value in vars(options).items()}}

@@ -56,18 +56,28 @@ def _copy(folder, tmp_path):
     return copy
 
 
-def _edit_tensors(folder, edit):
-    tensors = load_file(folder / "model.safetensors")
+def _shard_of(folder, tensor: str) -> str:
+    """The file holding `tensor`: model.safetensors, or the shard the index names (calibrated folders are
+    written a layer per shard)."""
+    index = folder / "model.safetensors.index.json"
+    return json.loads(index.read_text())["weight_map"][tensor] if index.is_file() else "model.safetensors"
+
+
+def _edit_tensors(folder, edit, tensor):
+    shard = _shard_of(folder, tensor)
+    tensors = load_file(folder / shard)
     edit(tensors)
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    save_file(tensors, folder / shard, metadata={"format": "pt"})
 
 
 def _scales_times_four(folder):
-    _edit_tensors(folder, lambda t: t.update({"model.layers.1.mlp.down_proj.weight_scale": t["model.layers.1.mlp.down_proj.weight_scale"] * 4}))
+    name = "model.layers.1.mlp.down_proj.weight_scale"
+    _edit_tensors(folder, lambda t: t.update({name: t[name] * 4}), name)
 
 
 def _zero_layer(folder):
-    _edit_tensors(folder, lambda t: t.update({"model.layers.2.self_attn.o_proj.weight_scale": np.zeros_like(t["model.layers.2.self_attn.o_proj.weight_scale"])}))
+    name = "model.layers.2.self_attn.o_proj.weight_scale"
+    _edit_tensors(folder, lambda t: t.update({name: np.zeros_like(t[name])}), name)
 
 
 def _wrong_group_size(folder):
@@ -93,13 +103,22 @@ def _truncate(folder, name="model.safetensors"):
     (folder / name).write_bytes(data[: len(data) // 2])
 
 
+def _truncate_layer_1(folder):
+    """Cut the file holding layer 1's down_proj in half. -> its name."""
+    method = json.loads((folder / "config.json").read_text())["quantization_config"]["quant_method"]
+    tensor = "model.layers.1.mlp.down_proj." + ("qweight" if method == "gptq" else "weight_packed")
+    name = _shard_of(folder, tensor)
+    _truncate(folder, name)
+    return name
+
+
 FAULTS = [
     ("scales x4", "compressed-tensors", _scales_times_four, "model.layers.1.mlp.down_proj: its weights are far from the baseline's"),
     ("zeroed layer", "compressed-tensors", _zero_layer, "model.layers.2.self_attn.o_proj: its weights are far from the baseline's"),
     ("wrong group size", "compressed-tensors", _wrong_group_size, "config.json says group_size 64, but model.layers.0.self_attn.qkv_proj stores scales for groups of 128"),
     ("foreign tokenizer", "compressed-tensors", _foreign_tokenizer, "tokenizer encodes the evaluation text differently from the baseline's"),
-    ("truncated weights", "compressed-tensors", _truncate, "model.safetensors is truncated"),
-    ("truncated gptq", "gptq", _truncate, "model.safetensors is truncated"),
+    ("truncated weights", "compressed-tensors", _truncate_layer_1, "{file} is truncated"),
+    ("truncated gptq", "gptq", _truncate_layer_1, "{file} is truncated"),
     ("truncated onnx data", "onnx", lambda f: _truncate(f, "model.onnx.data"), "model.onnx.data is truncated or missing"),
     ("onnx tokenizer", "onnx", _foreign_tokenizer, "tokenizer encodes the evaluation text differently"),
 ]
@@ -108,7 +127,8 @@ FAULTS = [
 @pytest.mark.parametrize("description, fmt, plant, sentence", FAULTS, ids=[f[0] for f in FAULTS])
 def test_planted_faults_are_rejected_with_a_sentence_naming_them(good, settings, tmp_path, description, fmt, plant, sentence):
     broken = _copy(good[fmt], tmp_path)
-    plant(broken)
+    planted = plant(broken)
+    sentence = sentence.format(file=planted)
     result, report = verify(broken, settings, tmp_path / "out")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
