@@ -183,17 +183,25 @@ def depth_scaling(depths=DEPTHS, deadline: float | None = None, method: str = "g
     return {"method": method, "rows": rows, "fits": fits}
 
 
-def rehearsal(timeout: float | None = None) -> dict:
+def rehearsal(timeout: float | None = None, method: str = "gptq") -> dict:
+    """(b). With `method` rtn, the GPTQ variant calibrates with RTN instead (renamed so, and the ONNX variant
+    carrying its weights too): every stage runs at full size but GPTQ's minutes per layer."""
     recipe = yaml.safe_load((ROOT / "recipes" / "phi-4-mini-instruct.yaml").read_text())
     recipe["name"] = "rehearsal-phi-4-mini"
     for section, cuts in REHEARSAL_CUTS.items():
         recipe[section].update(cuts)
     recipe["variants"] = [variant for variant in recipe["variants"] if variant["name"] in REHEARSAL_VARIANTS]
+    if method == "rtn":
+        for variant in recipe["variants"]:
+            if variant["name"] == "gptq-w4g128":
+                variant.update(name="rtn-w4g128", method="rtn")
+            if variant.get("from") == "gptq-w4g128":
+                variant.update(name="onnx-int4-from-rtn", **{"from": "rtn-w4g128"})
     recipe["gates"] = {}  # random weights: quality gates mean nothing here
     model = random_model("phi4-mini", FULL_LAYERS["phi4-mini"], "bf16")
     log("fullsize: rehearsal, Phi-4-mini exact shape (32 layers, bf16)")
     measured = _compress_run(yaml.safe_dump(recipe, sort_keys=False), model, "rehearsal-phi4-mini", timeout)
-    return {"cuts": REHEARSAL_CUTS, "variants": list(REHEARSAL_VARIANTS), **measured}
+    return {"cuts": REHEARSAL_CUTS, "variants": [variant["name"] for variant in recipe["variants"]], "method": method, **measured}
 
 
 def prediction(depth: dict) -> dict:
@@ -230,7 +238,7 @@ def run(depths=DEPTHS, with_rehearsal: bool = True, deadline: float | None = Non
     results = {"budget_gib": BUDGET_GIB, "depth": depth_scaling(depths, deadline, method)}
     results["prediction"] = prediction(results["depth"])
     if with_rehearsal:
-        results["rehearsal"] = rehearsal(timeout=90 * 60)
+        results["rehearsal"] = rehearsal(timeout=90 * 60, method=method)
     return results
 
 

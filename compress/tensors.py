@@ -1,14 +1,12 @@
 """Read tensors from a folder of safetensors files one at a time, whatever dtype they are stored in.
 
 Every read of a checkpoint or artifact goes through here. safetensors' numpy reader has no bfloat16 (every
-published Phi-4 checkpoint is bf16), so files are opened with the torch reader, which maps the file and
-copies only the tensor asked for; `array` turns bf16 into float32 (numpy has no bf16) and keeps every other
-dtype as stored.
+published Phi-4 checkpoint is bf16); here each tensor is read from its byte range as torch, in its stored
+dtype, and `array` turns bf16 into float32 (numpy has no bf16) and keeps every other dtype as stored.
 """
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -16,18 +14,33 @@ import numpy as np
 INDEX_FILE = "model.safetensors.index.json"
 
 
+DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64", "I32": "int32",
+          "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
 class TensorFolder:
-    """Every tensor of `folder`'s *.safetensors files by name; files stay memory-mapped, nothing is read
-    until asked for. Use as a context manager."""
+    """Every tensor of `folder`'s *.safetensors files by name; only the headers are read until a tensor is
+    asked for. Use as a context manager.
+
+    Tensors are read with plain file reads, not through a memory map: pages of a mapped file count in the
+    process's resident memory once touched, so a layer-by-layer pass over a mapped 7 GB checkpoint ends with
+    7 GB "resident" (measured: 10 GB peak for a Phi-4-mini-sized baseline that needs 2.5). Read pages stay in
+    the kernel's cache, shared and reclaimable, and outside every RSS figure.
+    """
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
+        from compress.model import _safetensors_header
 
         self.folder = Path(folder)
-        self._stack = ExitStack()
         self.files = sorted(self.folder.glob("*.safetensors"))
-        handles = [self._stack.enter_context(safe_open(str(file), framework="pt")) for file in self.files]
-        self._where = {name: handle for handle in handles for name in handle.keys()}
+        self._where: dict[str, tuple[Path, int, dict]] = {}
+        for file in self.files:
+            header = _safetensors_header(file)
+            with file.open("rb") as handle:
+                start = 8 + int.from_bytes(handle.read(8), "little")
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    self._where[name] = (file, start, entry)
 
     def __enter__(self) -> TensorFolder:
         return self
@@ -36,7 +49,7 @@ class TensorFolder:
         self.close()
 
     def close(self) -> None:
-        self._stack.close()
+        """Nothing stays open between reads."""
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -46,7 +59,18 @@ class TensorFolder:
 
     def tensor(self, name: str, dtype=None):
         """One tensor as torch, stored dtype unless `dtype` is given."""
-        tensor = self._where[name].get_tensor(name)
+        import torch
+
+        file, start, entry = self._where[name]
+        begin, end = entry["data_offsets"]
+        data = bytearray(end - begin)
+        with file.open("rb") as handle:
+            handle.seek(start + begin)
+            if handle.readinto(data) != len(data):
+                raise OSError(f"{file.name} is truncated: {name} is cut short")
+        stored = getattr(torch, DTYPES[entry["dtype"]])
+        tensor = torch.frombuffer(data, dtype=stored) if data else torch.empty(0, dtype=stored)
+        tensor = tensor.reshape(entry["shape"])
         return tensor if dtype is None else tensor.to(dtype)
 
     def array(self, name: str) -> np.ndarray:
@@ -58,8 +82,8 @@ class TensorFolder:
 
     def shape_and_dtype(self, name: str) -> tuple[list[int], str]:
         """(shape, safetensors dtype such as "BF16") from the header, reading no data."""
-        sliced = self._where[name].get_slice(name)
-        return list(sliced.get_shape()), sliced.get_dtype()
+        _, _, entry = self._where[name]
+        return list(entry["shape"]), entry["dtype"]
 
 
 def read_arrays(folder: Path, keep) -> dict[str, np.ndarray]:
