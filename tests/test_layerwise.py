@@ -120,11 +120,17 @@ def test_streaming_rtn_equals_llm_compressor_rtn_bit_for_bit(scheme, samples, tm
     assert config == json.loads((whole / "config.json").read_text())["quantization_config"]
 
 
-def test_streaming_gptq_first_layer_equals_llm_compressor_and_loads_in_transformers(samples, tmp_path):
-    streamed = tmp_path / "streamed"
-    whole = tmp_path / "whole"
-    details = calibrate_streaming(TINY, _variant("gptq"), samples, streamed, tmp_path / "work")
-    calibrate_whole_model(TINY, _variant("gptq"), samples, whole, tmp_path / "work")
+@pytest.fixture(scope="module")
+def gptq_folders(samples, tmp_path_factory):
+    """The same GPTQ variant calibrated layer by layer (ours) and by llm-compressor's oneshot on the whole model."""
+    root = tmp_path_factory.mktemp("gptq")
+    details = calibrate_streaming(TINY, _variant("gptq"), samples, root / "streamed", root / "work")
+    calibrate_whole_model(TINY, _variant("gptq"), samples, root / "whole", root / "work")
+    return root / "streamed", root / "whole", details
+
+
+def test_streaming_gptq_first_layer_equals_llm_compressor_and_loads_in_transformers(gptq_folders):
+    streamed, whole, details = gptq_folders
     ours, theirs = _read(streamed), _read(whole)
     assert set(ours) == set(theirs)
     # qkv_proj of layer 0 sees norm(embedding) in both: the same Hessian, the same GPTQ result.
@@ -138,3 +144,51 @@ def test_streaming_gptq_first_layer_equals_llm_compressor_and_loads_in_transform
     with torch.inference_mode():
         agree = (model(ids).logits.argmax(-1) == reference(ids).logits.argmax(-1)).float().mean()
     assert agree > 0.8
+
+
+def _o_proj_codes(samples, causal: bool) -> torch.Tensor:
+    """GPTQ of layer 0's o_proj from its inputs under causal or bidirectional attention."""
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+    from llmcompressor.modifiers.gptq.helpers import accumulate_hessian, make_empty_hessian
+    from transformers import masking_utils
+
+    from compress.layerwise import LayerwiseModel
+    from compress.quantize import rounding
+
+    args = rounding.weight_args(4, 128, True, "static")
+    with LayerwiseModel(TINY) as model:
+        block = model.layer(0)
+        store = Activations(len(samples), samples.shape[1], model.hidden_size)
+        model.embed(samples, store)
+        linear = block.self_attn.o_proj
+        sums = [make_empty_hessian(linear), torch.zeros(())]
+
+        def record(module, inputs, _output):
+            sums[0], sums[1] = accumulate_hessian(inputs[0], module, *sums)
+
+        handle = linear.register_forward_hook(record)
+        original = masking_utils.create_causal_mask
+        if not causal:  # no mask and is_causal off: every position sees the whole window
+            masking_utils.create_causal_mask = lambda **kwargs: None
+            block.self_attn.is_causal = False
+        try:
+            model.forward(block, store, None, 1)
+        finally:
+            masking_utils.create_causal_mask = original
+            handle.remove()
+    weight = linear.weight.data.float()
+    scale, zero = rounding.minmax_qparams(weight, args, torch.float32)
+    quantized, _, _ = quantize_weight(weight[None].clone(), (sums[0] / sums[1])[None], scale[None], zero[None], None, args)
+    return rounding.packed_tensors(rounding.integer_codes(quantized[0], scale, zero, args), scale, zero, args,
+                                   torch.float32)["weight_packed"]
+
+
+def test_llm_compressor_calibrates_with_bidirectional_attention_and_streaming_with_causal(gptq_folders, samples):
+    """llm-compressor 0.14's traced sequential pipeline runs Phi-3's attention without its causal mask while
+    it collects GPTQ Hessians: layer 0's o_proj from oneshot equals GPTQ on bidirectional-attention inputs,
+    code for code. Streaming calibration feeds what inference computes (causal), as a plain forward does."""
+    streamed, whole, _ = gptq_folders
+    name = "model.layers.0.self_attn.o_proj.weight_packed"
+    assert torch.equal(_o_proj_codes(samples, causal=False), _read(whole)[name])
+    assert torch.equal(_o_proj_codes(samples, causal=True), _read(streamed)[name])
+    assert not torch.equal(_read(streamed)[name], _read(whole)[name])
