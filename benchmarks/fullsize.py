@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -107,8 +108,6 @@ def run_tree(command: list[str], log_file: Path, timeout: float | None = None) -
 def _compress_run(recipe_text: str, model: Path, name: str, timeout: float | None = None) -> dict:
     folder = CACHE / "fullsize" / name
     if folder.exists():
-        import shutil
-
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     (folder / "recipe.yaml").write_text(recipe_text)
@@ -123,6 +122,8 @@ def _compress_run(recipe_text: str, model: Path, name: str, timeout: float | Non
     measured["baseline_layerwise_rss_mb"] = _baseline_layerwise_rss(folder / "run")
     measured["calibration"] = {path.parent.name: {k: v for k, v in json.loads(path.read_text()).items() if k in ("seconds", "layers_seconds")}
                                for path in (folder / "run" / "work").glob("*/calibration.json")}
+    for heavy in ("release", "staging", "work"):  # ~11 GB a run at Phi-4 width; the report, logs and results stay
+        shutil.rmtree(folder / "run" / heavy, ignore_errors=True)
     return measured
 
 
@@ -167,7 +168,7 @@ def depth_scaling(depths=DEPTHS, deadline: float | None = None, method: str = "g
         measured = _compress_run(DEPTH_RECIPE.format(layers=layers, model=model, method=method), model, f"phi4-{method}-{layers}L")
         info = inspect_model(str(model))
         rows.append({"layers": layers, "method": method, "stored_bytes": info.weight_bytes, **measured})
-    done = [row for row in rows if "skipped" not in row and row["returncode"] == 0]
+    done = [row for row in rows if "skipped" not in row and row["returncode"] in (0, 1) and row["report"]]
     fits = {}
     if len(done) >= 2:
         layer_bytes = (done[-1]["stored_bytes"] - done[0]["stored_bytes"]) / (done[-1]["layers"] - done[0]["layers"])

@@ -187,7 +187,9 @@ class MemoryPlan:
 
 
 def estimate_memory(info: ModelInfo, calibration_samples: int, calibration_seq_len: int, eval_seq_len: int) -> MemoryPlan:
-    """Bytes each stage needs on the device that runs it, from the config alone.
+    """Bytes each stage needs when the whole model is loaded, from the config alone: what stock AWQ (inside
+    llm-compressor) and benchmarks/scaling.py's whole-model GPTQ need. Every other stage works layer by layer
+    and is estimated in compress/memory.py.
 
     Baseline and verification hold the model in fp32 on the CPU (stored dtype on CUDA) plus one batch of
     logits. GPTQ holds the whole model as stored (llm-compressor loads dtype="auto"), one Hessian [in, in]
