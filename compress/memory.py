@@ -112,21 +112,21 @@ def onnx_runtime(artifact_bytes: int, shapes: Shapes, seq_len: int) -> int:
     return OVERHEAD + int(1.1 * artifact_bytes) + kv + 2 * seq_len * shapes.vocab * 4
 
 
-def onnx_build(shapes: Shapes, method: str, from_float: bool = False) -> int:
-    """The ONNX GenAI builder's peak. From a quantized folder (`-i`) it holds every quantized layer about
-    2.5 times (loader and in-memory graph) and casts the float head (or tied embedding) to float32 before
-    rounding it, about 3 copies at the peak. From the float checkpoint it casts every weight to float32 in
-    one in-memory graph (~5.3 bytes per parameter measured) plus the head's rounding; int8 also keeps a
-    float32 embedding table. int8-dynamic holds the builder's whole float32 graph while quantize_dynamic
-    rewrites it. (Measured on Phi-4-mini-width slices, 2026-12-02.)"""
+def onnx_build(shapes: Shapes, method: str, from_float: bool = False, head_rounded: bool = True) -> int:
+    """The ONNX GenAI builder's peak (measured 2026-12-02, benchmarks/fullsize.py and builder probes).
+
+    From a quantized folder (`-i`) it grows by ~3.8 bytes per decoder-layer parameter (1.3 GiB per Phi-4-width
+    layer: it holds the whole graph while it writes) on top of the head or tied embedding cast to float32:
+    ~1.65 copies when the head stays float, ~3.2 when the builder rounds it. From the float checkpoint it
+    casts every weight to float32 in one in-memory graph (~5.3 bytes per parameter) plus the head's rounding;
+    int8 also keeps a float32 embedding table. int8-dynamic holds the builder's float32 graph while
+    quantize_dynamic rewrites it."""
     head = 4 * shapes.vocab * shapes.hidden
     if method == "onnx-int8-dynamic":
         return OVERHEAD + 8 * shapes.parameters
     if from_float:
         return OVERHEAD + int(5.3 * shapes.parameters) + 2 * head + (head if method == "onnx-int8" else 0)
-    bits = 8 if method == "onnx-int8" else 4
-    layers = shapes.layers * shapes.layer_parameters * (bits / 8 + 2 / 128)  # integer weights and scales
-    return OVERHEAD + int(2.5 * layers) + 3 * head
+    return OVERHEAD + int(3.8 * shapes.layers * shapes.layer_parameters) + int((3.2 if head_rounded else 1.65) * head)
 
 
 def give_back_freed_memory() -> None:
@@ -155,6 +155,16 @@ def _keeps_decoder_layers(config: dict, variant) -> bool:
     return any(bits == KEEP for layer, bits in plan.items() if layer != "lm_head")
 
 
+def _head_rounded(config: dict, variant, recipe) -> bool:
+    """Whether the builder rounds the head itself: the ONNX variant's plan quantizes it and, with `from:`, the
+    calibrated variant left it float (calibrated folders never quantize the head)."""
+    from compress.export.onnx_genai import phi3_linear_names
+    from compress.quantize.plan import KEEP, resolve_plan
+
+    plan = resolve_plan(phi3_linear_names(config), variant.bits, list(variant.ignore), variant.layer_overrides())
+    return plan.get("lm_head", KEEP) != KEEP
+
+
 def run_estimates(info, recipe, budget: int) -> dict[str, tuple[int, bool]]:
     """What each stage of a recipe needs -> {stage: (bytes, required)}; a required stage that does not fit
     stops the run in preflight, the others are reported "not verified" when they do not fit."""
@@ -169,7 +179,7 @@ def run_estimates(info, recipe, budget: int) -> dict[str, tuple[int, bool]]:
         if variant.is_onnx:
             from_float = variant.from_ is None and _keeps_decoder_layers(info.config, variant)
             stages[f"ONNX build, {variant.method}" + (" from the float model" if from_float else "")] = (
-                onnx_build(shapes, variant.method, from_float), False)
+                onnx_build(shapes, variant.method, from_float, _head_rounded(info.config, variant, recipe)), False)
             continue
         if variant.method == "awq" and variant.awq_mappings == "stock":
             needed = estimate_memory(info, calibration_set.samples, calibration_set.seq_len, evaluation.seq_len).quantize

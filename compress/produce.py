@@ -168,7 +168,7 @@ def _onnx_artifacts(variant, recipe, info: ModelInfo, run_dir: Path, space: Work
     options = builder_options(variant, plan)
     details["builder_options"] = options
     artifacts = []
-    needed = memory.onnx_build(memory.Shapes.from_info(info), variant.method, source == info.path)
+    needed = memory.onnx_build(memory.Shapes.from_info(info), variant.method, source == info.path, plan.get("lm_head", KEEP) != KEEP)
     for target in recipe.targets:
         fmt = "onnx" if target == "cpu" else f"onnx-{target}"
         reason = availability(target, "onnxruntime-genai")
