@@ -153,6 +153,26 @@ def _summary(report: dict) -> list[dict]:
     return rows
 
 
+def fit_depths(rows: list[dict]) -> dict:
+    """Least-squares growth per layer of each stage's peak, over the depths whose run produced a report."""
+    done = [row for row in rows if "skipped" not in row and row["returncode"] in (0, 1) and row["report"]]
+    if len(done) < 2:
+        return {}
+    fits = {}
+    layer_bytes = (done[-1]["stored_bytes"] - done[0]["stored_bytes"]) / (done[-1]["layers"] - done[0]["layers"])
+    series = {stage: [row["peak_by_stage_mb"][stage] for row in done] for stage in STAGES}
+    series["whole tree"] = [row["peak_tree_rss_mb"] for row in done]
+    if all(row.get("baseline_layerwise_rss_mb") for row in done):
+        series["baseline layer-by-layer pass (its worker alone)"] = [row["baseline_layerwise_rss_mb"] for row in done]
+    for stage, values in series.items():
+        intercept, slope = linear_fit([row["layers"] for row in done], values)
+        fits[stage] = {"mb_per_layer": round(slope, 1), "share_of_layer_bytes": round(slope * MIB / layer_bytes, 3),
+                       "at_40_layers_gib": round((intercept + slope * FULL_LAYERS["phi4"]) / 1024, 2)}
+    fits["layer_stored_mb"] = round(layer_bytes / MIB, 1)
+    fits["depths"] = [row["layers"] for row in done]
+    return fits
+
+
 def depth_scaling(depths=DEPTHS, deadline: float | None = None, method: str = "gptq") -> dict:
     """(a) at each depth; `method` rtn measures the same stages without GPTQ's minutes per layer."""
     from compress.model import inspect_model
@@ -168,20 +188,7 @@ def depth_scaling(depths=DEPTHS, deadline: float | None = None, method: str = "g
         measured = _compress_run(DEPTH_RECIPE.format(layers=layers, model=model, method=method), model, f"phi4-{method}-{layers}L")
         info = inspect_model(str(model))
         rows.append({"layers": layers, "method": method, "stored_bytes": info.weight_bytes, **measured})
-    done = [row for row in rows if "skipped" not in row and row["returncode"] in (0, 1) and row["report"]]
-    fits = {}
-    if len(done) >= 2:
-        layer_bytes = (done[-1]["stored_bytes"] - done[0]["stored_bytes"]) / (done[-1]["layers"] - done[0]["layers"])
-        series = {stage: [row["peak_by_stage_mb"][stage] for row in done] for stage in STAGES}
-        series["whole tree"] = [row["peak_tree_rss_mb"] for row in done]
-        if all(row.get("baseline_layerwise_rss_mb") for row in done):
-            series["baseline layer-by-layer pass (its worker alone)"] = [row["baseline_layerwise_rss_mb"] for row in done]
-        for stage, values in series.items():
-            intercept, slope = linear_fit([row["layers"] for row in done], values)
-            fits[stage] = {"mb_per_layer": round(slope, 1), "share_of_layer_bytes": round(slope * MIB / layer_bytes, 3),
-                           "at_40_layers_gib": round((intercept + slope * FULL_LAYERS["phi4"]) / 1024, 2)}
-        fits["layer_stored_mb"] = round(layer_bytes / MIB, 1)
-    return {"method": method, "rows": rows, "fits": fits}
+    return {"method": method, "rows": rows, "fits": fit_depths(rows)}
 
 
 def rehearsal(timeout: float | None = None, method: str = "gptq") -> dict:
@@ -288,5 +295,36 @@ def markdown(results: dict) -> list[str]:
     return lines + [""]
 
 
+def merge(files: list[Path]) -> dict:
+    """One fullsize result from several runs' JSON files (depth rows joined and refitted; the last rehearsal
+    and prediction kept), for depths run in separate invocations."""
+    merged: dict = {"depth": {"rows": []}}
+    for file in files:
+        results = json.loads(Path(file).read_text())
+        fullsize = results["fullsize"]
+        merged["budget_gib"] = fullsize["budget_gib"]
+        merged["depth"]["method"] = fullsize["depth"].get("method", "gptq")
+        merged["depth"]["rows"] += [row for row in fullsize["depth"]["rows"] if row.get("report")]
+        for key in ("rehearsal", "prediction"):
+            if fullsize.get(key):
+                merged[key] = fullsize[key]
+        merged["meta"], merged["environment"] = results["meta"], results["meta"]["environment"]
+    merged["depth"]["rows"].sort(key=lambda row: row["layers"])
+    merged["depth"]["fits"] = fit_depths(merged["depth"]["rows"])
+    return merged
+
+
 if __name__ == "__main__":
-    print(json.dumps(run(), indent=1))
+    # python -m benchmarks.fullsize merge A.json B.json OUT_STEM: join depth runs made separately
+    if len(sys.argv) > 2 and sys.argv[1] == "merge":
+        from benchmarks.common import RESULTS
+
+        merged = merge([Path(name) for name in sys.argv[2:-1]])
+        stem = RESULTS / sys.argv[-1]
+        meta = merged.pop("meta")
+        merged.pop("environment")
+        (stem.with_suffix(".json")).write_text(json.dumps({"fullsize": merged, "meta": meta}, indent=1))
+        (stem.with_suffix(".md")).write_text("\n".join(markdown(merged)))
+        print("\n".join(markdown(merged)))
+    else:
+        print(json.dumps(run(), indent=1))
