@@ -160,14 +160,19 @@ def fit_depths(rows: list[dict]) -> dict:
         return {}
     fits = {}
     layer_bytes = (done[-1]["stored_bytes"] - done[0]["stored_bytes"]) / (done[-1]["layers"] - done[0]["layers"])
-    series = {stage: [row["peak_by_stage_mb"][stage] for row in done] for stage in STAGES}
-    series["whole tree"] = [row["peak_tree_rss_mb"] for row in done]
-    if all(row.get("baseline_layerwise_rss_mb") for row in done):
-        series["baseline layer-by-layer pass (its worker alone)"] = [row["baseline_layerwise_rss_mb"] for row in done]
-    for stage, values in series.items():
-        intercept, slope = linear_fit([row["layers"] for row in done], values)
+    # (layers, peak) per stage, over the depths where that stage ran (a build refused for memory did not)
+    series = {stage: [(row["layers"], row["peak_by_stage_mb"][stage]) for row in done if row["peak_by_stage_mb"][stage]]
+              for stage in STAGES}
+    series["whole tree"] = [(row["layers"], row["peak_tree_rss_mb"]) for row in done]
+    series["baseline layer-by-layer pass (its worker alone)"] = [(row["layers"], row["baseline_layerwise_rss_mb"])
+                                                                 for row in done if row.get("baseline_layerwise_rss_mb")]
+    for stage, points in series.items():
+        if len({layers for layers, _ in points}) < 2:
+            continue
+        intercept, slope = linear_fit([layers for layers, _ in points], [peak for _, peak in points])
         fits[stage] = {"mb_per_layer": round(slope, 1), "share_of_layer_bytes": round(slope * MIB / layer_bytes, 3),
-                       "at_40_layers_gib": round((intercept + slope * FULL_LAYERS["phi4"]) / 1024, 2)}
+                       "at_40_layers_gib": round((intercept + slope * FULL_LAYERS["phi4"]) / 1024, 2),
+                       "depths": [layers for layers, _ in points]}
     fits["layer_stored_mb"] = round(layer_bytes / MIB, 1)
     fits["depths"] = [row["layers"] for row in done]
     return fits
@@ -272,7 +277,8 @@ def markdown(results: dict) -> list[str]:
         for stage, fit in fits.items():
             if isinstance(fit, dict):
                 lines.append(f"- {stage}: {fit['mb_per_layer']} MiB per layer ({100 * fit['share_of_layer_bytes']:.1f}% of a "
-                             f"layer's stored bytes); at 40 layers {fit['at_40_layers_gib']} GiB")
+                             f"layer's stored bytes); at 40 layers {fit['at_40_layers_gib']} GiB "
+                             f"(depths {', '.join(map(str, fit.get('depths', [])))})")
     if "rehearsal" in results:
         rehearsal = results["rehearsal"]
         lines += ["", "### Rehearsal: Phi-4-mini's exact shape (32 layers, bf16), variants " + ", ".join(rehearsal["variants"]), "",
