@@ -161,9 +161,10 @@ def fit_depths(rows: list[dict]) -> dict:
     fits = {}
     layer_bytes = (done[-1]["stored_bytes"] - done[0]["stored_bytes"]) / (done[-1]["layers"] - done[0]["layers"])
     # (layers, peak) per stage, over the depths where that stage ran (a build refused for memory did not)
+    # Stages that load a whole model where it fits the budget (baseline speed, compressed-tensors checks) change
+    # regime between depths: their peaks are in the table, not fitted. The rest ran at every depth they fit.
     series = {stage: [(row["layers"], row["peak_by_stage_mb"][stage]) for row in done if row["peak_by_stage_mb"][stage]]
-              for stage in STAGES}
-    series["whole tree"] = [(row["layers"], row["peak_tree_rss_mb"]) for row in done]
+              for stage in (STAGES[0], STAGES[2])}
     series["baseline layer-by-layer pass (its worker alone)"] = [(row["layers"], row["baseline_layerwise_rss_mb"])
                                                                  for row in done if row.get("baseline_layerwise_rss_mb")]
     for stage, points in series.items():
@@ -317,6 +318,7 @@ def merge(files: list[Path]) -> dict:
         merged["meta"], merged["environment"] = results["meta"], results["meta"]["environment"]
     merged["depth"]["rows"].sort(key=lambda row: row["layers"])
     merged["depth"]["fits"] = fit_depths(merged["depth"]["rows"])
+    merged["prediction"] = prediction(merged["depth"])  # with today's estimates
     return merged
 
 

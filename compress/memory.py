@@ -118,8 +118,8 @@ def onnx_runtime(artifact_bytes: int, shapes: Shapes, seq_len: int) -> int:
 def onnx_build(shapes: Shapes, method: str, from_float: bool = False, head_rounded: bool = True) -> int:
     """The ONNX GenAI builder's peak (measured 2026-12-02, benchmarks/fullsize.py and builder probes).
 
-    From a quantized folder (`-i`) it grows by ~3.8 bytes per decoder-layer parameter (1.3 GiB per Phi-4-width
-    layer: it holds the whole graph while it writes) on top of the head or tied embedding cast to float32:
+    From a quantized folder (`-i`) it grows by ~2 bytes per decoder-layer parameter (0.6 GiB per Phi-4-width
+    layer over 1-4 layers: it holds the whole graph while it writes) on top of the head or embedding cast to float32:
     ~1.65 copies when the head stays float, ~3.2 when the builder rounds it. From the float checkpoint it
     casts every weight to float32 in one in-memory graph (~5.3 bytes per parameter) plus the head's rounding;
     int8 also keeps a float32 embedding table. int8-dynamic holds the builder's float32 graph while
@@ -129,7 +129,7 @@ def onnx_build(shapes: Shapes, method: str, from_float: bool = False, head_round
         return OVERHEAD + 8 * shapes.parameters
     if from_float:
         return OVERHEAD + int(5.3 * shapes.parameters) + 2 * head + (head if method == "onnx-int8" else 0)
-    return OVERHEAD + int(3.8 * shapes.layers * shapes.layer_parameters) + int((3.2 if head_rounded else 1.65) * head)
+    return OVERHEAD + int(2.0 * shapes.layers * shapes.layer_parameters) + int((3.2 if head_rounded else 1.65) * head)
 
 
 def give_back_freed_memory() -> None:
