@@ -115,6 +115,13 @@ def onnx_runtime(artifact_bytes: int, shapes: Shapes, seq_len: int) -> int:
     return OVERHEAD + int(1.1 * artifact_bytes) + kv + 2 * seq_len * shapes.vocab * 4
 
 
+def onnx_fp32_compute(shapes: Shapes) -> int:
+    """onnxruntime-genai running an int4 graph built with accuracy level 1 (how GPTQ v1 and AWQ folders are
+    verified): its float32 compute holds about 2.7 bytes per parameter (measured: ~10.4 GB for Phi-4-mini's
+    exact shape, 2026-12-02)."""
+    return OVERHEAD + int(2.7 * shapes.parameters)
+
+
 def onnx_build(shapes: Shapes, method: str, from_float: bool = False, head_rounded: bool = True) -> int:
     """The ONNX GenAI builder's peak (measured 2026-12-02, benchmarks/fullsize.py and builder probes).
 
