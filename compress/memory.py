@@ -156,23 +156,12 @@ def describe(needed: int, budget: int) -> str:
     return f"needs {needed / GIB:.1f} GiB, {budget / GIB:.1f} GiB available"
 
 
-def _keeps_decoder_layers(config: dict, variant) -> bool:
-    """Whether an ONNX variant's plan leaves a decoder layer float (the builder then reads the float model)."""
+def _onnx_plan(config: dict, variant) -> dict[str, int]:
+    """An ONNX variant's layer plan, as produce resolves it."""
     from compress.export.onnx_genai import phi3_linear_names
-    from compress.quantize.plan import KEEP, resolve_plan
+    from compress.quantize.plan import resolve_plan
 
-    plan = resolve_plan(phi3_linear_names(config), variant.bits, list(variant.ignore), variant.layer_overrides())
-    return any(bits == KEEP for layer, bits in plan.items() if layer != "lm_head")
-
-
-def _head_rounded(config: dict, variant, recipe) -> bool:
-    """Whether the builder rounds the head itself: the ONNX variant's plan quantizes it and, with `from:`, the
-    calibrated variant left it float (calibrated folders never quantize the head)."""
-    from compress.export.onnx_genai import phi3_linear_names
-    from compress.quantize.plan import KEEP, resolve_plan
-
-    plan = resolve_plan(phi3_linear_names(config), variant.bits, list(variant.ignore), variant.layer_overrides())
-    return plan.get("lm_head", KEEP) != KEEP
+    return resolve_plan(phi3_linear_names(config), variant.bits, list(variant.ignore), variant.layer_overrides())
 
 
 def run_estimates(info, recipe, budget: int) -> dict[str, tuple[int, bool]]:
@@ -187,9 +176,13 @@ def run_estimates(info, recipe, budget: int) -> dict[str, tuple[int, bool]]:
               "baseline speed and generations (whole model in transformers)": (whole, False)}
     for variant in recipe.variants:
         if variant.is_onnx:
-            from_float = variant.from_ is None and _keeps_decoder_layers(info.config, variant)
+            from compress.quantize.plan import KEEP, keeps_decoder_layers
+
+            # the builder rounds the head itself where the plan quantizes it (calibrated folders never do)
+            plan = _onnx_plan(info.config, variant)
+            from_float = variant.from_ is None and keeps_decoder_layers(plan)
             stages[f"ONNX build, {variant.method}" + (" from the float model" if from_float else "")] = (
-                onnx_build(shapes, variant.method, from_float, _head_rounded(info.config, variant, recipe)), False)
+                onnx_build(shapes, variant.method, from_float, plan.get("lm_head", KEEP) != KEEP), False)
             continue
         if variant.method == "awq" and variant.awq_mappings == "stock":
             needed = estimate_memory(info, calibration_set.samples, calibration_set.seq_len, evaluation.seq_len).quantize

@@ -24,7 +24,7 @@ from compress.export.onnx_genai import (
 from compress.model import ModelInfo
 from compress.quantize.awq_search import SCALES_FILE, save_scales
 from compress.quantize.llmc import calibrate_whole_model, needs_whole_model
-from compress.quantize.plan import KEEP, plan_summary, resolve_plan
+from compress.quantize.plan import KEEP, keeps_decoder_layers, plan_summary, resolve_plan
 from compress.quantize.streaming import calibrate_streaming
 from compress.quiet import library_output_to
 from compress.release import write_json_atomic
@@ -156,7 +156,7 @@ def _onnx_artifacts(variant, recipe, info: ModelInfo, run_dir: Path, space: Work
         plan = {**plan, **{layer: bits for layer, bits in calibration["layer_plan"].items() if bits == KEEP}}
         if "sensitivity" in calibration:  # the same integer weights; the builder's compute type aside
             details["sensitivity"] = calibration["sensitivity"]
-    elif variant.method == "onnx-int8-dynamic" or _keeps_decoder_layers(plan):
+    elif variant.method == "onnx-int8-dynamic" or keeps_decoder_layers(plan):
         # int8-dynamic: the builder's fp32 graph streams its weights, quantize_dynamic then holds the graph.
         # A plan that keeps decoder layers float: the builder's GPTQ reader needs every decoder layer quantized,
         # so the builder rounds the float checkpoint itself (and holds it whole: preflight's estimate says so).
@@ -199,10 +199,6 @@ def _onnx_artifacts(variant, recipe, info: ModelInfo, run_dir: Path, space: Work
         artifacts.append(Artifact(variant.name, variant.method, "onnx", folder, "onnxruntime-genai", 0,
                                   {"bits_per_weight": None, "bits_per_weight_all": None}, details, runnable=folder, skipped=skipped))
     return artifacts
-
-
-def _keeps_decoder_layers(plan: dict[str, int]) -> bool:
-    return any(bits == KEEP for layer, bits in plan.items() if layer != "lm_head")
 
 
 def _rounded_source(variant, info: ModelInfo, space: Workspace, budget_bytes: int | None) -> Path:

@@ -80,6 +80,12 @@ class TensorFolder:
         tensor = self.tensor(name)
         return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
+    def torch_dtype(self, name: str):
+        """The stored dtype as torch's, from the header."""
+        import torch
+
+        return getattr(torch, DTYPES[self._where[name][2]["dtype"]])
+
     def shape_and_dtype(self, name: str) -> tuple[list[int], str]:
         """(shape, safetensors dtype such as "BF16") from the header, reading no data."""
         _, _, entry = self._where[name]

@@ -35,3 +35,8 @@ def plan_summary(plan: dict[str, int]) -> dict[str, int]:
     for bits in plan.values():
         counts[str(bits)] = counts.get(str(bits), 0) + 1
     return dict(sorted(counts.items(), key=lambda item: int(item[0])))
+
+
+def keeps_decoder_layers(plan: dict[str, int]) -> bool:
+    """Whether the plan leaves any linear layer other than the head in floating point."""
+    return any(bits == KEEP for layer, bits in plan.items() if layer != "lm_head")

@@ -46,13 +46,12 @@ def linear_names(layers: int) -> list[str]:
 
 def quantization_config(plan: dict[str, int], group_size: int, symmetric: bool, actorder: str | None) -> dict:
     """config.json's quantization_config, as llm-compressor writes it for the same layer plan."""
+    import compressed_tensors
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
     from compress.quantize.llmc import plan_groups
 
     groups, ignore = plan_groups(plan, group_size, symmetric)
-    import compressed_tensors
-
     schemes = {}
     for number, group in enumerate(groups.values()):
         args = rounding.weight_args(group["weights"]["num_bits"], group_size, symmetric, actorder)
@@ -89,7 +88,7 @@ def calibrate_streaming(model_path: Path, variant, samples: np.ndarray | None, o
         if plan["lm_head"] != KEEP:
             raise ValueError(f"variant {variant.name}: quantizing lm_head layer by layer is not supported yet; "
                              "keep it in floating point (ignore: [lm_head]) or use an onnx-int4 variant with an 8-bit head")
-        stored = model.tensors.tensor("model.embed_tokens.weight").dtype
+        stored = model.tensors.torch_dtype("model.embed_tokens.weight")
         actorder = "static" if gptq else None
         details: dict = {"layer_plan": plan, "layer_bits": plan_summary(plan), "streamed": True, "layers_seconds": []}
         if awq:
@@ -144,7 +143,7 @@ def calibrate_streaming(model_path: Path, variant, samples: np.ndarray | None, o
         for name in model.tensors.keys():
             if not name.startswith("model.layers."):  # embedding, final norm, head: one at a time, as stored
                 writer.add(name, model.tensors.tensor(name))
-                if model.tensors.shape_and_dtype(name)[0][0] > 1 and len(model.tensors.shape_and_dtype(name)[0]) > 1:
+                if len(model.tensors.shape_and_dtype(name)[0]) > 1:  # a table: a shard of its own
                     writer.flush()
         shards = writer.close()
     for shard in shards:  # the folder appears whole: shards first, then config.json last
