@@ -125,18 +125,21 @@ def onnx_fp32_compute(shapes: Shapes) -> int:
 def onnx_build(shapes: Shapes, method: str, from_float: bool = False, head_rounded: bool = True) -> int:
     """The ONNX GenAI builder's peak (measured 2026-12-02, benchmarks/fullsize.py and builder probes).
 
-    From a quantized folder (`-i`) it grows by ~2 bytes per decoder-layer parameter (0.6 GiB per Phi-4-width
-    layer over 1-4 layers: it holds the whole graph while it writes) on top of the head or embedding cast to float32:
-    ~1.65 copies when the head stays float, ~3.2 when the builder rounds it. From the float checkpoint it
-    casts every weight to float32 in one in-memory graph (~5.3 bytes per parameter) plus the head's rounding;
-    int8 also keeps a float32 embedding table. int8-dynamic holds the builder's float32 graph while
-    quantize_dynamic rewrites it."""
+    From a quantized folder (`-i`) it runs through compress.export.builder_stream, one decoder layer at a
+    time: the embedding table and an untied head stay loaded in their stored dtype while it unpacks and
+    repacks one layer (~7 bytes per layer parameter); after the layers it reads a float head back whole
+    (float32) to save it, or rounds it (~10 bytes per head parameter: the float32 head, its slices and the
+    rounded result). From the float checkpoint it casts every weight to float32 in one in-memory graph (~5.3
+    bytes per parameter) plus the head's rounding; int8 also keeps a float32 embedding table. int8-dynamic
+    holds the builder's float32 graph while quantize_dynamic rewrites it."""
     head = 4 * shapes.vocab * shapes.hidden
     if method == "onnx-int8-dynamic":
         return OVERHEAD + 8 * shapes.parameters
     if from_float:
         return OVERHEAD + int(5.3 * shapes.parameters) + 2 * head + (head if method == "onnx-int8" else 0)
-    return OVERHEAD + int(2.0 * shapes.layers * shapes.layer_parameters) + int((3.2 if head_rounded else 1.65) * head)
+    tables = shapes.table_bytes * (1 if shapes.tied else 2)
+    layers = tables + 7 * shapes.layer_parameters
+    return OVERHEAD + max(layers, int(2.5 * head) if head_rounded else head)
 
 
 def give_back_freed_memory() -> None:

@@ -86,6 +86,10 @@ class TensorFolder:
 
         return getattr(torch, DTYPES[self._where[name][2]["dtype"]])
 
+    def file_of(self, name: str) -> Path:
+        """The file that holds `name`."""
+        return self._where[name][0]
+
     def shape_and_dtype(self, name: str) -> tuple[list[int], str]:
         """(shape, safetensors dtype such as "BF16") from the header, reading no data."""
         _, _, entry = self._where[name]

@@ -2,7 +2,8 @@
 tokenizer), plus int8 dynamic quantization of the builder's fp32 graph.
 
 The builder runs in its own process with its log kept beside the run. It reads the original checkpoint, or
-an AutoGPTQ-format folder (`-i`), whose calibrated integer weights it then carries into MatMulNBits.
+an AutoGPTQ-format folder (`-i`), whose calibrated integer weights it then carries into MatMulNBits; through
+compress.export.builder_stream, which makes it hold one decoder layer at a time.
 """
 
 from __future__ import annotations
@@ -81,8 +82,13 @@ def builder_options(variant, plan: dict[str, int], exact: bool = False) -> dict[
     return options
 
 
-def run_builder(source: Path, out: Path, precision: str, target: str, options: dict[str, str], cache: Path, log: Path) -> Path:
-    """python -m onnxruntime_genai.models.builder in a process of its own; its output goes to `log`."""
+STREAMING_BUILDER = "compress.export.builder_stream"
+PLAIN_BUILDER = "onnxruntime_genai.models.builder"
+
+
+def run_builder(source: Path, out: Path, precision: str, target: str, options: dict[str, str], cache: Path, log: Path,
+                builder: str = STREAMING_BUILDER) -> Path:
+    """The builder (`python -m builder`) in a process of its own; its output goes to `log`."""
     interrupts.check()
     shutil.rmtree(out, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
@@ -93,7 +99,7 @@ def run_builder(source: Path, out: Path, precision: str, target: str, options: d
         # forward pass (~3.7 s per token; benchmarks/). A table of its own costs the same disk in the
         # onnx-int8-dynamic artifacts made from this graph, which kept the fp32 head for that Transpose.
         options = {"shared_embeddings": "false", **options}
-    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(out),
+    command = [sys.executable, "-m", builder, "-i", str(source), "-o", str(out),
                "-p", precision, "-e", EXECUTION_PROVIDERS[target], "-c", str(cache),
                "--extra_options", *(f"{key}={value}" for key, value in options.items())]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}

@@ -1,0 +1,312 @@
+"""onnxruntime-genai's model builder with memory independent of depth, for folders of integer weights (`-i`).
+
+Run as `python -m compress.export.builder_stream <the builder's arguments>` in place of
+`python -m onnxruntime_genai.models.builder`. The builder (0.18) loads a quantized checkpoint whole, keeps every
+tensor it makes until it saves, and before saving serializes the whole graph once more to round whatever float
+MatMuls are left (at Phi-4 width +0.6 GiB per decoder layer, and ~9 GiB for four Phi-4-mini layers and their
+head). Three changes, each at the builder's own seams, make it hold one layer at a time:
+
+1. its loader reads one decoder layer's tensors when the builder reaches that layer (`_LayerByLayer`);
+2. each initializer it registers is written to a spill file at once and read back only when saved (`_Spill`);
+3. its rounding pass sees one node at a time (`_round_left_over`), a large head a slice of columns at a time.
+
+The graph and every tensor stay those the builder makes (tests/test_builder_stream.py compares them byte for
+byte with the builder's own output).
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from compress.memory import give_back_freed_memory
+from compress.tensors import TensorFolder
+
+SMALL = 1024  # bytes: initializers below this stay in memory (shape constants and the like), as copies
+PACKED = {ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.FLOAT4E2M1}
+FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+SLICE_BYTES = int(os.environ.get("COMPRESS_BUILDER_SLICE_BYTES", 128 << 20))  # tests set it small
+_open_spills: list[_Spill] = []
+
+
+class _Spill:
+    """One file of initializer bytes; each tensor comes back through a plain read when the saver asks."""
+
+    CHUNK = 64 << 20  # bytes of float32 converted at a time from a torch tensor the builder casts
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.handle = path.open("w+b")
+
+    def keep(self, tensor: ir.TensorProtocol, source=None, cast=None) -> ir.TensorProtocol:
+        """`tensor` written out; `source` and `cast`: the torch tensor and dtype it is the cast of, written
+        a slice at a time instead of whole (the builder's float32 copy of a transposed head is 2.5 GB)."""
+        if tensor.nbytes < SMALL:
+            return _from_bytes(tensor.tobytes(), tensor.dtype, tensor.shape, tensor.name)
+        offset = self.handle.seek(0, os.SEEK_END)
+        if source is not None and source.dim() >= 1:
+            rows = max(1, self.CHUNK // max(1, source[0].numel() * 4))
+            for start in range(0, source.shape[0], rows):
+                self.handle.write(source[start:start + rows].to(cast).contiguous().numpy().tobytes())
+        else:
+            tensor.tofile(self.handle)
+        length = self.handle.tell() - offset
+        if length != tensor.nbytes:
+            raise RuntimeError(f"{tensor.name}: {length} bytes written for a {tensor.nbytes}-byte tensor")
+        dtype, shape, name = tensor.dtype, tensor.shape, tensor.name
+
+        def read():
+            self.handle.flush()
+            data = np.empty(length, np.uint8)
+            view, done = memoryview(data), 0
+            while done < length:  # one read returns at most 2 GiB
+                done += os.preadv(self.handle.fileno(), [view[done:]], offset + done)
+            return _from_bytes(data, dtype, shape, name)
+
+        return ir.LazyTensor(read, dtype=dtype, shape=shape, name=name)
+
+    def close(self) -> None:
+        self.handle.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _from_bytes(data, dtype: ir.DataType, shape: ir.Shape, name: str | None) -> ir.TensorProtocol:
+    raw = np.frombuffer(data, np.uint8)
+    if dtype in PACKED:
+        return ir.PackedTensor(raw, dtype, shape=shape, name=name)
+    return ir.Tensor(raw.view(dtype.numpy()).reshape(shape.numpy()), dtype=dtype, name=name)
+
+
+class _LayerByLayer:
+    """The builder's quantized-model loader, run on one decoder layer's tensors at a time.
+
+    `modules()` yields what the builder's own loader does (embedding, layers, final norm, head), but loads
+    each decoder layer when the builder asks for it and drops it once the builder has made it.
+    """
+
+    def __init__(self, builder, input_path: str, load):
+        self._load = load  # keep(name) -> the builder's loader on those tensors
+        self.num_layers = builder.num_layers
+        shared = load(lambda name: ".layers." not in name)
+        self.embedding, self.final_norm, self.lm_head = shared.embedding, shared.final_norm, shared.lm_head
+
+    def modules(self):
+        yield self.embedding
+        for index in range(self.num_layers):
+            prefix = f"model.layers.{index}."
+            (layer,) = self._load(lambda name, prefix=prefix: name.startswith(prefix)).layers
+            yield layer
+            del layer
+            give_back_freed_memory()
+        yield self.final_norm
+        yield self.lm_head
+
+
+def _filtered_load_file(folder: TensorFolder, keep):
+    """safetensors' load_file for the builder's loader: only the tensors `keep` selects, by plain reads."""
+
+    def load_file(path):
+        return {name: folder.tensor(name) for name in folder.keys()
+                if keep(name) and folder.file_of(name).name == Path(path).name}
+
+    return load_file
+
+
+def _round_left_over(builder, round_all):
+    """The builder's rounding pass (`to_nbits`) on one node at a time, each spliced back into the graph.
+
+    A MatMul weight larger than SLICE_BYTES goes through in slices of its output columns, which MatMulNBits
+    rounds independently (blocks run along the input dimension), joined afterwards: the pass itself holds
+    ~5 float32 copies of what it is given (12 GiB for Phi-4-mini's head at 8 bits, whole). Falls back to the
+    builder's own whole-graph pass where its options reach beyond single nodes."""
+    graph = builder.model.graph
+    attrs = builder.quant_attrs
+    excluded = set(attrs["nodes_to_exclude"])
+    targets = [node for node in graph if node.op_type in attrs["op_types_to_quantize"] and node.name not in excluded
+               and any(value is not None and value.const_value is not None for value in node.inputs)]
+    if not targets:
+        return builder.model
+    if getattr(builder, "exact_quant_override_names", None) or attrs["use_qdq"]:
+        print("Rounding the whole graph (exact overrides or QDQ asked for)", flush=True)
+        return round_all(builder)
+    for node in targets:
+        rounded = _round_in_slices(builder, node, round_all)
+        if rounded is None:
+            rounded = _round_with(builder, _subgraph_model(builder.model, [node]), round_all)
+        _splice(builder.model, [node], rounded, builder.spill)
+        give_back_freed_memory()
+    return builder.model
+
+
+def _round_with(builder, model: ir.Model, round_all) -> ir.Model:
+    whole, builder.model = builder.model, model
+    try:
+        return round_all(builder)
+    finally:
+        builder.model = whole
+
+
+def _round_in_slices(builder, node: ir.Node, round_all) -> ir.Model | None:
+    """`node` (MatMul, float weight [K, N]) rounded SLICE_BYTES of columns at a time and joined, or None
+    where it is small, or where the pieces do not have the one-MatMulNBits shape this joins."""
+    weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) == 2 else None
+    if weight is None or weight.const_value is None or len(weight.const_value.shape) != 2:
+        return None
+    if weight.const_value.nbytes <= SLICE_BYTES or weight.const_value.dtype not in FLOATS:
+        return None
+    array = weight.const_value.numpy()
+    rows, columns = array.shape
+    step = max(1, SLICE_BYTES // (rows * array.itemsize))
+    print(f"Rounding {node.name} in {-(-columns // step)} slices of {step} columns", flush=True)
+    pieces = []
+    for start in range(0, columns, step):
+        part = ir.Tensor(np.ascontiguousarray(array[:, start:start + step]), name=weight.name)
+        pieces.append(_round_with(builder, _subgraph_model(builder.model, [node], {weight.name: part}), round_all))
+    del array
+    return _joined(pieces, columns)
+
+
+def _joined(pieces: list[ir.Model], columns: int) -> ir.Model | None:
+    """Column slices of one rounded MatMul joined: MatMulNBits' B [N, blocks, blob] and its per-column
+    scales and zero points (1-D, column-major) concatenated along N."""
+    first = pieces[0]
+    nodes = [list(piece.graph) for piece in pieces]
+    if any(len(n) != 1 or n[0].op_type != "MatMulNBits" for n in nodes):
+        return None
+    widths = [n[0].attributes["N"].as_int() for n in nodes]
+    for name, value in first.graph.initializers.items():
+        parts = [piece.graph.initializers[name].const_value.numpy() for piece in pieces]
+        per_column = {part.shape[0] / width for part, width in zip(parts, widths, strict=True)}
+        if len(per_column) != 1 or not float(next(iter(per_column))).is_integer():
+            return None
+        joined = np.concatenate(parts, axis=0)
+        value.const_value = ir.Tensor(joined, dtype=value.const_value.dtype, name=name)
+        value.shape = ir.Shape(joined.shape)
+    nodes[0][0].attributes["N"] = ir.AttrInt64("N", columns)
+    return first
+
+
+def _subgraph_model(model: ir.Model, nodes: list[ir.Node], constants: dict | None = None) -> ir.Model:
+    """A model of copies of `nodes`: their constant inputs as initializers (`constants` overriding some by
+    name), the rest as graph inputs."""
+    constants = constants or {}
+    values: dict[str, ir.Value] = {}
+
+    def value_for(old: ir.Value) -> ir.Value:
+        if old.name not in values:
+            const = constants.get(old.name, old.const_value)
+            shape = ir.Shape(const.shape) if old.name in constants else old.shape
+            values[old.name] = ir.Value(name=old.name, type=old.type, shape=shape, const_value=const)
+        return values[old.name]
+
+    copies = [ir.Node(node.domain, node.op_type, [value_for(v) if v is not None else None for v in node.inputs],
+                      attributes=list(node.attributes.values()), num_outputs=len(node.outputs), name=node.name,
+                      version=node.version) for node in nodes]
+    for copy, node in zip(copies, nodes, strict=True):
+        for new, old in zip(copy.outputs, node.outputs, strict=True):
+            new.name, new.type, new.shape = old.name, old.type, old.shape
+    initializers = [v for v in values.values() if v.const_value is not None]
+    inputs = [v for v in values.values() if v.const_value is None]
+    outputs = [out for copy in copies for out in copy.outputs]
+    graph = ir.Graph(inputs, outputs, nodes=copies, initializers=initializers, opset_imports=dict(model.opset_imports))
+    return ir.Model(graph, ir_version=model.ir_version, producer_name=model.producer_name)
+
+
+def _splice(whole: ir.Model, targets: list[ir.Node], rounded: ir.Model, spill: _Spill) -> None:
+    """Replace `targets` in `whole` by the rounded model's nodes, joined by value names.
+
+    Nodes the builder made ahead for the rounded weights (a tied embedding's GatherBlockQuantized reads the
+    head's int4 weights by name) are joined to the new initializers too, as the builder's own pass joins
+    them when it re-reads its serialized graph."""
+    graph = whole.graph
+    by_name = {v.name: v for node in targets for v in node.inputs if v is not None}
+    outputs = {v.name: v for node in targets for v in node.outputs}
+    for name, value in rounded.graph.initializers.items():
+        if name not in graph.initializers:
+            fresh = ir.Value(name=name, type=value.type, shape=value.shape, const_value=spill.keep(value.const_value))
+            graph.register_initializer(fresh)
+        by_name[name] = graph.initializers[name]
+    waiting = {id(v): v for node in graph for v in node.inputs
+               if v is not None and v.name in rounded.graph.initializers and v.producer() is None
+               and v.const_value is None and v is not graph.initializers[v.name]}
+    for value in waiting.values():
+        ir.convenience.replace_all_uses_with(value, graph.initializers[value.name])
+    anchor = targets[0]
+    for node in list(rounded.graph):
+        inputs = [by_name.get(v.name, v) if v is not None else None for v in node.inputs]
+        copy = ir.Node(node.domain, node.op_type, inputs, attributes=list(node.attributes.values()),
+                       num_outputs=len(node.outputs), name=node.name, version=node.version)
+        for new, old in zip(copy.outputs, node.outputs, strict=True):
+            new.name, new.type, new.shape = old.name, old.type, old.shape
+            by_name[old.name] = new
+            if old.name in outputs:
+                replaced = outputs[old.name]
+                ir.convenience.replace_all_uses_with(replaced, new, replace_graph_outputs=True)
+                replaced.name = None  # the name belongs to `new` now
+                new.name = old.name
+        graph.insert_before(anchor, copy)
+    for node in targets:
+        graph.remove(node, safe=True)
+    for name in [name for name, value in graph.initializers.items() if not value.uses() and value not in graph.outputs]:
+        graph.initializers.pop(name)
+
+
+def _patch() -> None:
+    # The builder imports its parts as top-level modules (`builders`, `loaders`) from its own folder, which
+    # importing onnxruntime_genai.models puts on sys.path: patch those modules, not the package's copies.
+    import onnxruntime_genai.models  # noqa: F401
+    from builders import base as builders
+    from loaders import base as loaders
+
+    model_class = builders.Model
+    to_torch_dtype = builders.to_torch_dtype
+    make_initializer, load_weights, to_nbits = (model_class.make_initializer, model_class.load_weights,
+                                                model_class.to_nbits)
+
+    def spilling_make_initializer(self, tensor, /, name, **kwargs):
+        if not hasattr(self, "spill"):
+            Path(self.cache_dir).mkdir(parents=True, exist_ok=True)
+            self.spill = _Spill(Path(self.cache_dir) / f"initializers-{os.getpid()}.bin")
+            _open_spills.append(self.spill)
+        make_initializer(self, tensor, name, **kwargs)
+        value = self.model.graph.initializers[name]
+        cast = kwargs.get("to") is not None and not kwargs.get("raw") and isinstance(tensor, torch.Tensor)
+        value.const_value = self.spill.keep(value.const_value, *((tensor, to_torch_dtype(kwargs["to"])) if cast else ()))
+
+    def layer_by_layer_load_weights(self, input_path):
+        if self.quant_type is None or input_path.endswith(".gguf") or "adapter_path" in self.extra_options:
+            return load_weights(self, input_path)
+        folder = TensorFolder(Path(input_path))
+        original = loaders.load_file
+
+        def load(keep):
+            loaders.load_file = _filtered_load_file(folder, keep)
+            try:
+                return load_weights(self, input_path)
+            finally:
+                loaders.load_file = original
+
+        return _LayerByLayer(self, input_path, load)
+
+    model_class.make_initializer = spilling_make_initializer
+    model_class.load_weights = layer_by_layer_load_weights
+    model_class.to_nbits = lambda self: _round_left_over(self, to_nbits)
+
+
+def main(argv: list[str]) -> None:
+    _patch()
+    sys.argv = ["onnxruntime_genai.models.builder", *argv]
+    try:
+        runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_sys=True)
+    finally:
+        for spill in _open_spills:
+            spill.close()
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,80 @@
+"""The builder run one layer at a time (compress.export.builder_stream) writes what the builder itself writes.
+
+Each case builds the same folder of integer weights twice, with onnxruntime-genai's builder as released and
+through compress's layer-by-layer wrapper, and compares the graphs node by node and every tensor byte by byte.
+"""
+
+import hashlib
+import json
+import shutil
+
+import onnx_ir as ir
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from compress.export.gptq_v1 import write_gptq_v1
+from compress.export.onnx_genai import PLAIN_BUILDER, STREAMING_BUILDER, run_builder
+from compress.model import BUILTIN_MODELS
+from compress.quantize.streaming import calibrate_streaming
+from compress.recipe import Variant
+
+HEAD_FLOAT = {"block_size": "32", "accuracy_level": "4", "nodes_to_exclude": "/lm_head/MatMul,/model/embed_tokens/Gather"}
+HEAD_INT8 = {"block_size": "32", "accuracy_level": "4", "algo_config": "rtn", "matmul_mixed_precision": "last_matmul:int8"}
+CASES = [  # (bits of the folder, builder precision, builder options, tied head)
+    pytest.param(4, "int4", HEAD_FLOAT, True, id="int4-head-float"),
+    pytest.param(4, "int4", HEAD_INT8, False, id="int4-head-int8-untied"),
+    pytest.param(4, "int4", HEAD_INT8, True, id="int4-head-int8-tied-quantized-embedding"),
+    pytest.param(8, "int8", {"block_size": "32", "accuracy_level": "4"}, True, id="int8-head-rounded-by-builder"),
+]
+
+
+def untied_copy(folder, out):
+    """The embedded model with a head of its own (lm_head.weight), as Phi-4 14B has."""
+    shutil.copytree(folder, out)
+    config = json.loads((out / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    (out / "config.json").write_text(json.dumps(config))
+    generator = torch.Generator().manual_seed(0)
+    head = torch.randn(config["vocab_size"], config["hidden_size"], generator=generator) * 0.02
+    save_file({"lm_head.weight": head}, str(out / "head.safetensors"))
+    index = out / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"]["lm_head.weight"] = "head.safetensors"
+        index.write_text(json.dumps(data))
+    return out
+
+
+def graph_and_tensors(folder):
+    model = ir.load(folder / "model.onnx")
+    nodes = {node.name: (node.op_type, node.domain, [v.name if v is not None else None for v in node.inputs],
+                         [v.name for v in node.outputs], sorted((k, str(v)) for k, v in node.attributes.items()))
+             for node in model.graph}
+    tensors = {name: (value.const_value.dtype, tuple(value.const_value.shape),
+                      hashlib.sha256(value.const_value.tobytes()).hexdigest())
+               for name, value in model.graph.initializers.items()}
+    io = ([v.name for v in model.graph.inputs], [v.name for v in model.graph.outputs], dict(model.opset_imports))
+    return nodes, tensors, io
+
+
+@pytest.mark.parametrize("bits, precision, options, tied", CASES)
+def test_layer_by_layer_builder_writes_the_builders_own_graph(tmp_path, monkeypatch, bits, precision, options, tied):
+    monkeypatch.setenv("COMPRESS_BUILDER_SLICE_BYTES", str(64 << 10))  # the 2 MiB head rounded in 32 slices
+    source = BUILTIN_MODELS["tiny-phi4-mini"] if tied else untied_copy(BUILTIN_MODELS["tiny-phi4-mini"], tmp_path / "untied")
+    variant = Variant(name="r", method="rtn", bits=bits, group_size=32, ignore=["lm_head"])
+    calibrate_streaming(source, variant, None, tmp_path / "ct", tmp_path / "work")
+    folder = write_gptq_v1(tmp_path / "ct", tmp_path / "gptq")
+    options = {**options, "hf_token": "false"}
+    built = {}
+    for builder in (PLAIN_BUILDER, STREAMING_BUILDER):
+        out = tmp_path / builder.rsplit(".", 1)[-1]
+        run_builder(folder, out, precision, "cpu", options, tmp_path / "cache", tmp_path / f"{out.name}.log", builder=builder)
+        built[builder] = graph_and_tensors(out)
+        assert json.loads((out / "genai_config.json").read_text())
+    plain, streamed = built[PLAIN_BUILDER], built[STREAMING_BUILDER]
+    assert streamed[0] == plain[0]  # nodes: type, inputs, outputs, attributes
+    assert streamed[1] == plain[1]  # initializers: dtype, shape, bytes
+    assert streamed[2] == plain[2]
+    assert any(node[0] == "MatMulNBits" for node in plain[0].values())
+    assert not list((tmp_path / "cache").glob("initializers-*.bin"))  # the spill file is gone
