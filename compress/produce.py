@@ -150,33 +150,39 @@ def _onnx_artifacts(variant, recipe, info: ModelInfo, run_dir: Path, space: Work
     plan = resolve_plan(phi3_linear_names(info.config), variant.bits, list(variant.ignore), variant.layer_overrides())
     details: dict = {"layer_plan": plan, "layer_bits": plan_summary(plan), "log": str(space.log)}
     if variant.from_:
-        source = write_gptq_v1(calibrated_folder(run_dir, variant.from_), space.work(f"from-{variant.from_}-gptq"))
         details["from"] = f"integer weights of {variant.from_} (its saved calibration, repacked to GPTQ v1)"
         calibration = json.loads((run_dir / "work" / variant.from_ / "calibration.json").read_text())
         plan = {**plan, **{layer: bits for layer, bits in calibration["layer_plan"].items() if bits == KEEP}}
         if "sensitivity" in calibration:  # the same integer weights; the builder's compute type aside
             details["sensitivity"] = calibration["sensitivity"]
-    elif variant.method == "onnx-int8-dynamic" or keeps_decoder_layers(plan):
-        # int8-dynamic: the builder's fp32 graph streams its weights, quantize_dynamic then holds the graph.
-        # A plan that keeps decoder layers float: the builder's GPTQ reader needs every decoder layer quantized,
-        # so the builder rounds the float checkpoint itself (and holds it whole: preflight's estimate says so).
-        source = info.path
-    else:
-        source = _rounded_source(variant, info, space, budget_bytes)
-        details["from"] = (f"round-to-nearest {ONNX_PRECISION[variant.method]} weights written layer by layer by compress "
-                           "(the builder never loads the float model); the builder rounds only what the folder leaves float")
+    # int8-dynamic: the builder's fp32 graph streams its weights, quantize_dynamic then holds the graph.
+    # A plan that keeps decoder layers float: the builder's GPTQ reader needs every decoder layer quantized,
+    # so the builder rounds the float checkpoint itself (and holds it whole: preflight's estimate says so).
+    from_float = not variant.from_ and (variant.method == "onnx-int8-dynamic" or keeps_decoder_layers(plan))
     options = builder_options(variant, plan)
     details["builder_options"] = options
     artifacts = []
-    needed = memory.onnx_build(memory.Shapes.from_info(info), variant.method, source == info.path, plan.get("lm_head", KEEP) != KEEP)
+    needed = memory.onnx_build(memory.Shapes.from_info(info), variant.method, from_float, plan.get("lm_head", KEEP) != KEEP)
     for target in recipe.targets:
-        fmt = "onnx" if target == "cpu" else f"onnx-{target}"
+        fmt = _onnx_format(target)
         reason = availability(target, "onnxruntime-genai")
         if not reason and budget_bytes is not None and needed > budget_bytes:
             reason = f"the ONNX builder {memory.describe(needed, budget_bytes)}"
         if reason:
             details.setdefault("not_built", {})[fmt] = reason
-            continue
+    buildable = [target for target in recipe.targets if _onnx_format(target) not in details.get("not_built", {})]
+    if not buildable:
+        source = None
+    elif variant.from_:
+        source = write_gptq_v1(calibrated_folder(run_dir, variant.from_), space.work(f"from-{variant.from_}-gptq"))
+    elif from_float:
+        source = info.path
+    else:
+        source = _rounded_source(variant, info, space, budget_bytes)
+        details["from"] = (f"round-to-nearest {ONNX_PRECISION[variant.method]} weights written layer by layer by compress "
+                           "(the builder never loads the float model); the builder rounds only what the folder leaves float")
+    for target in buildable:
+        fmt = _onnx_format(target)
         folder = space.staging(fmt)
         log = space.work(f"{fmt}-builder.log")
         if variant.method == "onnx-int8-dynamic":
@@ -184,7 +190,7 @@ def _onnx_artifacts(variant, recipe, info: ModelInfo, run_dir: Path, space: Work
             quantize_dynamic_int8(fp32, folder, [layer for layer, bits in plan.items() if bits == KEEP])
         else:
             run_builder(source, folder, ONNX_PRECISION[variant.method], target, options, space.cache, log)
-        others = {t: (NOT_APPLICABLE, f"built for the {target} provider; see its {('onnx' if t == 'cpu' else 'onnx-' + t)} row")
+        others = {t: (NOT_APPLICABLE, f"built for the {target} provider; see its {_onnx_format(t)} row")
                   for t in recipe.targets if t != target}
         artifacts.append(_artifact(variant, fmt, folder, folder, "onnxruntime-genai", details, others))
     for fmt, reason in details.get("not_built", {}).items():
@@ -194,11 +200,16 @@ def _onnx_artifacts(variant, recipe, info: ModelInfo, run_dir: Path, space: Work
     if not artifacts:  # nothing could be built here: the variant is still reported, not verified, never released
         folder = space.staging("onnx")
         folder.mkdir(parents=True)
-        skipped = {target: (NOT_VERIFIED, f"not built: {details['not_built']['onnx' if target == 'cpu' else 'onnx-' + target]}")
+        skipped = {target: (NOT_VERIFIED, f"not built: {details['not_built'][_onnx_format(target)]}")
                    for target in recipe.targets}
         artifacts.append(Artifact(variant.name, variant.method, "onnx", folder, "onnxruntime-genai", 0,
                                   {"bits_per_weight": None, "bits_per_weight_all": None}, details, runnable=folder, skipped=skipped))
     return artifacts
+
+
+def _onnx_format(target: str) -> str:
+    """The format name of an ONNX build for `target`: onnx (cpu), onnx-cuda, ..."""
+    return "onnx" if target == "cpu" else f"onnx-{target}"
 
 
 def _rounded_source(variant, info: ModelInfo, space: Workspace, budget_bytes: int | None) -> Path:
