@@ -29,6 +29,12 @@ def test_layer_by_layer_estimates_do_not_grow_with_depth_and_whole_model_ones_do
     assert memory.baseline_accuracy(shallow, 8, 2048, budget) == memory.baseline_accuracy(deep, 8, 2048, budget)
     assert memory.calibration(deep, "gptq", 256, 2048, budget) < budget  # Phi-4 14B calibrates on a 16 GB machine
     assert memory.whole_model_cpu(deep, 2048) > 50 * memory.GIB  # 14B parameters in float32
+    # The builder from a folder of integer weights holds one decoder layer (builder_stream), from the float
+    # checkpoint the whole model.
+    for head_rounded in (False, True):
+        assert memory.onnx_build(shallow, "onnx-int4", False, head_rounded) == memory.onnx_build(deep, "onnx-int4", False, head_rounded)
+        assert memory.onnx_build(deep, "onnx-int4", False, head_rounded) < 8 * memory.GIB
+    assert memory.onnx_build(deep, "onnx-int4", True) > 50 * memory.GIB
     # 256 × 2048 calibration tokens of hidden 5120 are 10 GiB per store: spilled, so only chunks count.
     assert memory.calibration(deep, "gptq", 256, 2048, budget) < memory.calibration(deep, "gptq", 256, 2048, 100 * memory.GIB)
 
