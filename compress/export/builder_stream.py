@@ -43,6 +43,7 @@ class _Spill:
     def __init__(self, path: Path):
         self.path = path
         self.handle = path.open("w+b")
+        self.where: dict[int, tuple[int, ir.TensorProtocol]] = {}  # id(lazy tensor) -> (offset, lazy tensor)
 
     def keep(self, tensor: ir.TensorProtocol, source=None, cast=None) -> ir.TensorProtocol:
         """`tensor` written out; `source` and `cast`: the torch tensor and dtype it is the cast of, written
@@ -69,7 +70,23 @@ class _Spill:
                 done += os.preadv(self.handle.fileno(), [view[done:]], offset + done)
             return _from_bytes(data, dtype, shape, name)
 
-        return ir.LazyTensor(read, dtype=dtype, shape=shape, name=name)
+        lazy = ir.LazyTensor(read, dtype=dtype, shape=shape, name=name)
+        self.where[id(lazy)] = (offset, lazy)
+        return lazy
+
+    def columns(self, tensor: ir.TensorProtocol, start: int, stop: int) -> np.ndarray:
+        """Columns [start, stop) of a spilled 2-D tensor, read row by row (the whole tensor never in memory)."""
+        offset, _ = self.where[id(tensor)]
+        rows, width = tensor.shape.numpy()
+        dtype = np.dtype(tensor.dtype.numpy())
+        out = np.empty((rows, stop - start), dtype)
+        self.handle.flush()
+        for row in range(rows):
+            buffer = memoryview(out[row]).cast("B")
+            position, done = offset + (row * width + start) * dtype.itemsize, 0
+            while done < len(buffer):
+                done += os.preadv(self.handle.fileno(), [buffer[done:]], position + done)
+        return out
 
     def close(self) -> None:
         self.handle.close()
@@ -158,17 +175,16 @@ def _round_in_slices(builder, node: ir.Node, round_all) -> ir.Model | None:
     weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) == 2 else None
     if weight is None or weight.const_value is None or len(weight.const_value.shape) != 2:
         return None
-    if weight.const_value.nbytes <= SLICE_BYTES or weight.const_value.dtype not in FLOATS:
+    tensor = weight.const_value
+    if tensor.nbytes <= SLICE_BYTES or tensor.dtype not in FLOATS or id(tensor) not in builder.spill.where:
         return None
-    array = weight.const_value.numpy()
-    rows, columns = array.shape
-    step = max(1, SLICE_BYTES // (rows * array.itemsize))
+    rows, columns = tensor.shape.numpy()
+    step = max(1, SLICE_BYTES // (rows * int(tensor.dtype.itemsize)))
     print(f"Rounding {node.name} in {-(-columns // step)} slices of {step} columns", flush=True)
     pieces = []
     for start in range(0, columns, step):
-        part = ir.Tensor(np.ascontiguousarray(array[:, start:start + step]), name=weight.name)
+        part = ir.Tensor(builder.spill.columns(tensor, start, min(start + step, columns)), dtype=tensor.dtype, name=weight.name)
         pieces.append(_round_with(builder, _subgraph_model(builder.model, [node], {weight.name: part}), round_all))
-    del array
     return _joined(pieces, columns)
 
 
