@@ -17,11 +17,25 @@ from compress.model import ModelError
 from compress.recipe import RecipeError, load_recipe
 from compress.verify.isolated import MeasurementError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Quantize Phi-4-family checkpoints, verify every artifact in its runtime, release what passes.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 # Piped output (CI logs, `| tee`) gets a table wide enough to read; a terminal uses its own width.
 console = Console(width=None if sys.stdout.isatty() else 140)
 BAD_INPUT = (RecipeError, ModelError, DataError)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"compress {version('compress')}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Quantize Phi-4-family checkpoints, verify every artifact in its runtime, release what passes."""
 
 
 def _fail(message: str, code: int = 2) -> None:
