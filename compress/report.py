@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from compress.quantize.plan import plan_runs
 from compress.release import write_json_atomic
 
 BASELINE_KEYS = ("ppl", "nll_se", "decode_tps", "prefill_tps", "peak_rss_mb", "peak_vram_mb", "repetition", "eos_rate")
@@ -98,8 +99,20 @@ COLUMNS = [
 ]
 
 
+def absent_targets(report: dict) -> dict[str, str]:
+    """target -> why it is not on this machine at all (the baseline could not be measured there either)."""
+    return {target: base["reason"] for target, base in report["baseline"]["targets"].items()
+            if base.get("status") == "not-verified"}
+
+
+def absent_lines(report: dict) -> list[str]:
+    """One sentence per absent target, in place of a row of dashes for every artifact."""
+    return [f"{target}: not verified for any artifact — {why}" for target, why in absent_targets(report).items()]
+
+
 def summary_rows(report: dict) -> list[tuple[dict, dict]]:
-    """(row, metrics) per (artifact, target), the baseline first."""
+    """(row, metrics) per (artifact, target measured here), the baseline first."""
+    absent = absent_targets(report)
     rows = []
     for target, base in report["baseline"]["targets"].items():
         if base.get("status") == "measured":
@@ -108,7 +121,7 @@ def summary_rows(report: dict) -> list[tuple[dict, dict]]:
             rows.append((row, base))
     for variant in report["variants"]:
         for target, result in variant["targets"].items():
-            if result["status"] == "not-applicable":
+            if result["status"] == "not-applicable" or target in absent:
                 continue
             verdict = result["status"] + (", released" if variant["released"] and result["status"] == "pass" else "")
             rows.append(({**variant, "target": target, "verdict": verdict}, result["metrics"]))
@@ -146,7 +159,8 @@ def render_markdown(report: dict) -> str:
 
 
 def plan_lines(report: dict) -> list[str]:
-    """The per-layer precision of each variant whose layers do not all share one bit width."""
+    """The precision plan of each variant whose layers do not all share one bit width, as runs of layers
+    (the plan layer by layer is in report.json and each artifact's manifest)."""
     lines = []
     seen = set()
     for variant in report["variants"]:
@@ -155,9 +169,9 @@ def plan_lines(report: dict) -> list[str]:
             continue
         seen.add(variant["name"])
         counts = ", ".join(f"{count} at {bits} bits" for bits, count in (variant.get("layer_bits") or {}).items())
-        lines += ["", f"### Layer plan of {variant['name']} ({counts}; 16 = kept in floating point)", ""]
-        lines += [f"- `{layer}`: {bits}" for layer, bits in plan.items()]
-    return (["", "## Per-layer precision"] + lines) if lines else []
+        lines += [f"- {variant['name']} ({counts}):"] + [f"  - {run}" for run in plan_runs(plan)]
+    return (["", "## Per-layer precision", "", "Kept = left in floating point; every layer's bits are in "
+             "report.json and each artifact's manifest.", "", *lines]) if lines else []
 
 
 def awq_mapping_lines(report: dict) -> list[str]:
@@ -183,8 +197,10 @@ def awq_mapping_lines(report: dict) -> list[str]:
 
 
 def verdict_lines(report: dict) -> list[str]:
-    """One sentence per artifact: where it was released, or every reason it was not."""
-    lines = []
+    """One sentence per target absent from this machine, then one per artifact: where it was released, or every
+    reason it was not."""
+    absent = absent_targets(report)
+    lines = absent_lines(report)
     for variant in report["variants"]:
         label = f"{variant['name']} ({variant['format']})"
         if variant["released"]:
@@ -192,7 +208,7 @@ def verdict_lines(report: dict) -> list[str]:
         else:
             lines.append(f"{label}: not released: " + "; ".join(variant["not_released_because"]))
         for target, result in variant["targets"].items():
-            if result["status"] == "not-verified":
+            if result["status"] == "not-verified" and target not in absent:
                 lines.append(f"{label} on {target}: not verified: " + "; ".join(result["failures"]))
         if variant.get("awq"):
             lines.extend(f"{label}: {line}" for line in awq_lines(variant["awq"]))
