@@ -9,6 +9,7 @@ from rich.table import Table
 
 from compress.quantize.plan import plan_runs
 from compress.release import write_json_atomic
+from compress.tradeoff import recommendation_lines
 
 BASELINE_KEYS = ("ppl", "nll_se", "decode_tps", "prefill_tps", "peak_rss_mb", "peak_vram_mb", "repetition", "eos_rate")
 
@@ -150,6 +151,7 @@ def render_markdown(report: dict) -> str:
               "baseline's on the same target."]
     lines += [f"- Baseline on {target}: speed and generations not measured, so no speedups: {result['speed_not_measured']}."
               for target, result in report["baseline"]["targets"].items() if result.get("speed_not_measured")]
+    lines += ["", "## Recommendation", ""] + [f"- {line}" for line in recommendation_lines(report)]
     lines += ["", "## Verdicts", ""] + [f"- {line}" for line in verdict_lines(report)]
     lines += plan_lines(report)
     lines += awq_mapping_lines(report)
@@ -243,7 +245,7 @@ def print_summary(report: dict, console: Console) -> None:
         style = "green" if verdict.startswith("pass") else ("red" if verdict.startswith("fail") else "yellow")
         table.add_row(*(cell(row, metrics) for _, cell in shown), style=style if row["name"] != "baseline" else None)
     console.print(table)
-    for line in verdict_lines(report):
+    for line in recommendation_lines(report) + verdict_lines(report):
         console.print(f"  {line}", highlight=False, soft_wrap=True)
 
 

@@ -7,7 +7,7 @@ import html
 import io
 import math
 
-from compress.tradeoff import artifact_rows, noise_neighbours, pareto_front, recommend
+from compress.tradeoff import artifact_rows, noise_neighbours, pareto_front, recommendation_lines
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1400px}
@@ -75,18 +75,9 @@ def render_html(report: dict, summary_rows, columns, verdict_lines) -> str:
     """The page; the table's columns and rows come from report.py so the Markdown and HTML agree."""
     rows = artifact_rows(report)
     neighbours = noise_neighbours(rows)
-    choice = recommend(rows)
     gates = report.get("gates", {})
     baseline_size = report["baseline"]["size_bytes"]
-
-    def label(row):
-        return f"{row['label']}: {row['size_bytes'] / 2**20:.2f} MiB, KLD {row['kld']:.3g}, {row['decode_tps']:.0f} tok/s"
-
-    recommendation = "No artifact met the gates, so none is recommended." if choice["smallest"] is None else (
-        f"Ship <b>{html.escape(label(choice['smallest']))}</b> — the smallest released artifact that meets the gates"
-        + ("" if choice["fastest"] is choice["smallest"] else
-           f"; the fastest is <b>{html.escape(label(choice['fastest']))}</b>") + "."
-    )
+    recommendation = "<br>".join(html.escape(line) for line in recommendation_lines(report))
     header = [name for name, _, _ in columns] + ["KLD within noise of"]
     table, classes = [], []
     for row, metrics in summary_rows(report):
