@@ -151,7 +151,9 @@ def render_markdown(report: dict) -> str:
               "baseline's on the same target."]
     lines += [f"- Baseline on {target}: speed and generations not measured, so no speedups: {result['speed_not_measured']}."
               for target, result in report["baseline"]["targets"].items() if result.get("speed_not_measured")]
-    lines += ["", "## Recommendation", ""] + [f"- {line}" for line in recommendation_lines(report)]
+    recommendation = recommendation_lines(report)
+    if recommendation:
+        lines += ["", "## Recommendation", ""] + [f"- {line}" for line in recommendation]
     lines += ["", "## Verdicts", ""] + [f"- {line}" for line in verdict_lines(report)]
     lines += plan_lines(report)
     lines += awq_mapping_lines(report)

@@ -62,8 +62,12 @@ def noise_neighbours(rows: list[dict]) -> dict[str, list[str]]:
 
 
 def recommendation_lines(report: dict) -> list[str]:
-    """The recommendation with its rule in one sentence, then the smallest and the fastest beside it."""
-    choice = recommend(artifact_rows(report))
+    """The recommendation with its rule in one sentence, then the smallest and the fastest beside it; nothing
+    where there is nothing to choose between (`compress verify` of one folder)."""
+    rows = artifact_rows(report)
+    choice = recommend(rows)
+    if len(rows) < 2:
+        return []
     if choice["recommended"] is None:
         return ["No released artifact met every gate, so none is recommended."]
 
