@@ -10,8 +10,9 @@ from rich.table import Table
 from compress.quantize.plan import plan_runs
 from compress.release import write_json_atomic
 from compress.tradeoff import recommendation_lines
+from compress.verify.cpu_share import BUSY
 
-BASELINE_KEYS = ("ppl", "nll_se", "decode_tps", "prefill_tps", "peak_rss_mb", "peak_vram_mb", "repetition", "eos_rate")
+BASELINE_KEYS = ("ppl", "nll_se", "decode_tps", "prefill_tps", "others_cpu", "peak_rss_mb", "peak_vram_mb", "repetition", "eos_rate")
 
 
 def build_report(out: Path, recipe, info, baseline, outcomes, context) -> dict:
@@ -73,6 +74,20 @@ def _fmt(value, spec: str) -> str:
     return "—" if value is None or value != value else format(value, spec)
 
 
+LOADS = ("others_cpu", "baseline_others_cpu")  # others' CPU share while the artifact's and the baseline's runs were timed
+
+
+def _load(metrics: dict, keys: tuple[str, ...] = LOADS) -> float:
+    """The highest share of the CPU that other processes used while these figures were timed."""
+    return max(metrics.get(key) or 0.0 for key in keys)
+
+
+def _speed(metrics: dict, key: str, spec: str, loads: tuple[str, ...] = LOADS[:1]) -> str:
+    """A speed or speedup, marked † when it was timed while other processes used more than BUSY of the CPU."""
+    value = _fmt(metrics.get(key), spec)
+    return value + " †" if key in metrics and _load(metrics, loads) > BUSY else value
+
+
 def _kld(metrics: dict) -> str:
     return f"{metrics['kld']:.3g} ± {metrics['kld_se']:.2g}" if "kld" in metrics else "—"
 
@@ -89,9 +104,9 @@ COLUMNS = [
     ("KLD ± se", lambda r, m: _kld(m), True),
     ("top-1", lambda r, m: _fmt(m.get("top1"), ".3f"), True),
     ("Δp rms", lambda r, m: _fmt(m.get("delta_p_rms"), ".2g"), False),
-    ("prefill tok/s", lambda r, m: _fmt(m.get("prefill_tps"), ".0f"), False),
-    ("tok/s", lambda r, m: _fmt(m.get("decode_tps"), ".0f"), True),
-    ("× base", lambda r, m: _fmt(m.get("decode_speedup"), ".2f"), True),
+    ("prefill tok/s", lambda r, m: _speed(m, "prefill_tps", ".0f"), False),
+    ("tok/s", lambda r, m: _speed(m, "decode_tps", ".0f"), True),
+    ("× base", lambda r, m: _speed(m, "decode_speedup", ".2f", LOADS), True),
     ("RSS MB", lambda r, m: _fmt(m.get("peak_rss_mb"), ".0f"), False),
     ("repeat", lambda r, m: _fmt(m.get("repetition"), ".2f"), True),
     ("EOS", lambda r, m: _fmt(m.get("eos_rate"), ".2f"), False),
@@ -147,8 +162,8 @@ def render_markdown(report: dict) -> str:
     lines += ["", f"- {report['kld_note']}", "- ± is one standard error over evaluation windows.",
               "- Decode and prefill speeds: one warm-up, then the median of "
               f"{report['evaluation']['speed_runs']} runs of {report['evaluation']['new_tokens']} new tokens after a "
-              f"{report['evaluation']['prompt_tokens']}-token prompt; greedy. Speedup is decode tok/s over the "
-              "baseline's on the same target."]
+              f"{report['evaluation']['prompt_tokens']}-token prompt; greedy."]
+    lines += [f"- {line}" for line in speed_notes(report)]
     lines += [f"- Baseline on {target}: speed and generations not measured, so no speedups: {result['speed_not_measured']}."
               for target, result in report["baseline"]["targets"].items() if result.get("speed_not_measured")]
     recommendation = recommendation_lines(report)
@@ -160,6 +175,23 @@ def render_markdown(report: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
     lines += ["", f"Versions: {versions}.", ""]
     return "\n".join(lines)
+
+
+def speed_notes(report: dict) -> list[str]:
+    """How the speedups were timed, and which speeds were taken under others' load (the † in the table)."""
+    measured = [(row, metrics) for row, metrics in summary_rows(report) if "decode_tps" in metrics]
+    apart = [f"{row['name']} ({row['format']}, {row['target']})" for row, metrics in measured
+             if "decode_speedup" in metrics and not metrics.get("speed_interleaved")]
+    notes = ["Speedup (× base) is decode tok/s over the baseline's, the two timed in turn (baseline, artifact, baseline, "
+             "artifact…), each in its own process, so the ratio sees the same load; the baseline's figures from those runs "
+             "are in report.json (baseline_decode_tps)" + (f"; timed apart from the baseline instead: {', '.join(apart)}" if apart else "") + "."]
+    busy = [(row, metrics) for row, metrics in measured if _load(metrics) > BUSY]
+    if busy:
+        shares = ", ".join(f"{row['name']}" + ("" if row["name"] == "baseline" else f" ({row['format']})")
+                           + f" on {row['target']} {_load(metrics):.0%}" for row, metrics in busy)
+        notes.append(f"† timed while other processes used more than {BUSY:.0%} of the machine's CPU ({shares}): not the "
+                     "artifact's own speed, and a speedup marked † may compare different loads. Rerun on a quiet machine.")
+    return notes
 
 
 def plan_lines(report: dict) -> list[str]:
@@ -247,7 +279,7 @@ def print_summary(report: dict, console: Console) -> None:
         style = "green" if verdict.startswith("pass") else ("red" if verdict.startswith("fail") else "yellow")
         table.add_row(*(cell(row, metrics) for _, cell in shown), style=style if row["name"] != "baseline" else None)
     console.print(table)
-    for line in recommendation_lines(report) + verdict_lines(report):
+    for line in speed_notes(report)[1:] + recommendation_lines(report) + verdict_lines(report):
         console.print(f"  {line}", highlight=False, soft_wrap=True)
 
 
@@ -264,4 +296,4 @@ def render_files(out: Path, report: dict) -> None:
 
     write_json_atomic(out / "report.json", report)
     (out / "report.md").write_text(render_markdown(report))
-    (out / "report.html").write_text(render_html(report, summary_rows, COLUMNS, verdict_lines))
+    (out / "report.html").write_text(render_html(report, summary_rows, COLUMNS, verdict_lines, speed_notes(report)))

@@ -71,8 +71,8 @@ def _table(header: list[str], rows: list[list[str]], classes: list[str] | None =
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def render_html(report: dict, summary_rows, columns, verdict_lines) -> str:
-    """The page; the table's columns and rows come from report.py so the Markdown and HTML agree."""
+def render_html(report: dict, summary_rows, columns, verdict_lines, speed_notes: list[str]) -> str:
+    """The page; the table's columns, rows and notes come from report.py so the Markdown and HTML agree."""
     rows = artifact_rows(report)
     neighbours = noise_neighbours(rows)
     gates = report.get("gates", {})
@@ -103,6 +103,7 @@ def render_html(report: dict, summary_rows, columns, verdict_lines) -> str:
         "<h2>Summary</h2>", _table(header, table, classes),
         f"<p><small>{html.escape(report['kld_note'])} ± is one standard error over evaluation windows; two artifacts "
         "whose KLDs differ by less than two combined standard errors are within noise.</small></p>",
+        *(f"<p><small>{html.escape(note)}</small></p>" for note in speed_notes),
         "<h2>Trade-off (CPU)</h2>", plots or "<p>No artifact was measured on the CPU.</p>",
         "<p><small>Green passed every gate, red failed one; ringed points are on the Pareto front; dotted lines are "
         "the gates.</small></p>",

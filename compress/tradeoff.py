@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from compress.verify.cpu_share import BUSY
+
 
 def artifact_rows(report: dict, target: str = "cpu") -> list[dict]:
     """One dict per artifact measured on `target`: label, size, KLD with its se, decode speed, released."""
@@ -16,6 +18,7 @@ def artifact_rows(report: dict, target: str = "cpu") -> list[dict]:
         rows.append({
             "label": f"{variant['name']} ({variant['format']})", "size_bytes": variant["size_bytes"],
             "kld": metrics["kld"], "kld_se": metrics.get("kld_se", 0.0), "decode_tps": metrics.get("decode_tps"),
+            "busy": (metrics.get("others_cpu") or 0.0) > BUSY,
             "released": variant["released"], "passed": result.get("status") == "pass",
         })
     return rows
@@ -72,7 +75,7 @@ def recommendation_lines(report: dict) -> list[str]:
         return ["No released artifact met every gate, so none is recommended."]
 
     def described(row: dict) -> str:
-        speed = "" if row["decode_tps"] is None else f", {row['decode_tps']:.0f} tok/s"
+        speed = "" if row["decode_tps"] is None else f", {row['decode_tps']:.0f} tok/s" + (" †" if row.get("busy") else "")
         return f"{row['label']}: {row['size_bytes'] / 2**20:.2f} MiB, KLD {row['kld']:.3g} ± {row['kld_se']:.2g}{speed}"
 
     lines = [f"Recommended: {described(choice['recommended'])} — {RULE}."]

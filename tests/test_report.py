@@ -64,3 +64,29 @@ def test_the_recommendation_states_its_rule_and_names_smallest_and_fastest():
     markdown = render_markdown(report)
     assert "- Recommended: good (onnx):" in markdown and "at most 1.1× its size." in markdown
     assert "- Smallest: small (onnx):" in markdown and "- Fastest: fast (onnx):" in markdown
+
+
+def test_speeds_taken_under_load_are_flagged_and_so_are_ratios_built_on_them():
+    quiet = _variant("quiet", 2**20, 0.02, 150, others_cpu=0.05, baseline_others_cpu=0.05, speed_interleaved=True)
+    busy = _variant("busy", 2**20, 0.02, 3000, others_cpu=0.45, baseline_others_cpu=0.05, speed_interleaved=True)
+    loaded_base = _variant("base-busy", 2**20, 0.02, 150, others_cpu=0.05, baseline_others_cpu=0.6, speed_interleaved=True)
+    report = make_report([quiet, busy, loaded_base], baseline_cpu={"others_cpu": 0.31})
+    table = {row["variant"]: row for row in _table_rows(render_markdown(report))}
+    assert table["quiet"]["tok/s"] == "150" and table["quiet"]["× base"] == "1.50"
+    assert table["busy"]["tok/s"] == "3000 †" and table["busy"]["× base"] == "30.00 †"
+    assert table["base-busy"]["tok/s"] == "150" and table["base-busy"]["× base"] == "1.50 †"
+    assert table["baseline"]["tok/s"] == "100 †"
+    markdown = render_markdown(report)
+    assert "more than 20% of the machine's CPU (baseline on cpu 31%, busy (onnx) on cpu 45%, base-busy (onnx) on cpu 60%)" in markdown
+    assert "timed apart from the baseline" not in markdown
+
+
+def test_a_speedup_not_timed_in_turn_with_the_baseline_says_so():
+    apart = _variant("apart", 2**20, 0.02, 150, others_cpu=0.0, speed_interleaved=False)
+    assert "timed apart from the baseline instead: apart (onnx, cpu)" in render_markdown(make_report([apart]))
+
+
+def _table_rows(markdown: str) -> list[dict]:
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True)) for line in lines[1:]]
