@@ -186,12 +186,16 @@ def speed_notes(report: dict) -> list[str]:
              "artifact…), each in its own process, so the ratio sees the same load; the baseline's figures from those runs "
              "are in report.json (baseline_decode_tps)" + (f"; timed apart from the baseline instead: {', '.join(apart)}" if apart else "") + "."]
     busy = [(row, metrics) for row, metrics in measured if _load(metrics) > BUSY]
-    if busy:
+    if not busy:
+        return notes
+    if len(busy) > 1 and len(busy) == len(measured):
+        loads = sorted(_load(metrics) for _, metrics in busy)
+        shares = f"every speed here: {loads[0]:.0%}–{loads[-1]:.0%}"
+    else:
         shares = ", ".join(f"{row['name']}" + ("" if row["name"] == "baseline" else f" ({row['format']})")
                            + f" on {row['target']} {_load(metrics):.0%}" for row, metrics in busy)
-        notes.append(f"† timed while other processes used more than {BUSY:.0%} of the machine's CPU ({shares}): not the "
-                     "artifact's own speed, and a speedup marked † may compare different loads. Rerun on a quiet machine.")
-    return notes
+    return notes + [f"† timed while other processes used more than {BUSY:.0%} of the machine's CPU ({shares}): not the "
+                    "model's own speed, and a speedup marked † may compare different loads. Rerun on a quiet machine."]
 
 
 def plan_lines(report: dict) -> list[str]:

@@ -90,3 +90,9 @@ def _table_rows(markdown: str) -> list[dict]:
     lines = [line for line in markdown.splitlines() if line.startswith("| ")]
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True)) for line in lines[1:]]
+
+
+def test_when_every_speed_was_taken_under_load_the_note_gives_the_range():
+    report = make_report([_variant("a", 2**20, 0.02, 150, others_cpu=0.5), _variant("b", 2**20, 0.02, 150, others_cpu=0.77)],
+                         baseline_cpu={"others_cpu": 0.31})
+    assert "more than 20% of the machine's CPU (every speed here: 31%–77%)" in render_markdown(report)
