@@ -7,21 +7,25 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint fast-test model browser clean
 
+INSTALL_LOG := $(VENV)/install.log
+PIP := PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 $(PY) -m pip install --quiet --no-warn-script-location
+
 $(PY):
-	$(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -m venv $(VENV)
 
 # torch first, on its own: the exact CPU build lies on the machine's disk, and letting another package
-# pull "torch" instead downloads a multi-GB CUDA build.
+# pull "torch" instead downloads a multi-GB CUDA build. pip's and setuptools' chatter goes to the log,
+# which is printed whole (and make stops) when a step fails.
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
-	touch $(STAMP)
+	@echo "Installing compress and its pinned libraries into $(VENV) (a few minutes; pip's output: $(INSTALL_LOG))"
+	@{ $(PIP) --upgrade pip && $(PIP) torch==2.13.0 && $(PIP) -e ".[dev]"; } > $(INSTALL_LOG) 2>&1 || \
+	  { cat $(INSTALL_LOG); echo "make install failed; pip's output is above and in $(INSTALL_LOG)"; exit 1; }
+	@touch $(STAMP)
 
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/compress run recipes/tiny-phi4-mini.yaml --out runs/demo
+	@$(VENV)/bin/compress run recipes/tiny-phi4-mini.yaml --out runs/demo
 
 lint: install
 	$(VENV)/bin/ruff check compress tests

@@ -13,6 +13,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from compress.verify.cpu_share import busy_cpu_seconds, others_share
 from compress.verify.targets import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def run_measured(command: list[str], log: Path, env: dict | None = None, timeout
     log.parent.mkdir(parents=True, exist_ok=True)
     environment_vars = {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                         "PYTHONPATH": str(ROOT), **(env or {})}
-    busy_before = _busy_cpu_seconds()
+    busy_before = busy_cpu_seconds()
     with log.open("w") as handle:
         started = time.perf_counter()
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, env=environment_vars)
@@ -70,9 +71,9 @@ def run_measured(command: list[str], log: Path, env: dict | None = None, timeout
             time.sleep(0.05)
         seconds = time.perf_counter() - started
     process.returncode = os.waitstatus_to_exitcode(status)
-    others = _busy_cpu_seconds() - busy_before - usage.ru_utime - usage.ru_stime
+    others = busy_cpu_seconds() - busy_before - usage.ru_utime - usage.ru_stime
     return {"seconds": seconds, "peak_rss_mb": peak_kb / 1024, "returncode": process.returncode, "log": str(log),
-            "others_cpu": round(max(others, 0.0) / (seconds * (os.cpu_count() or 1)), 3)}
+            "others_cpu": others_share(others, seconds)}
 
 
 def _tree_peak_kb(pid: int) -> int:
@@ -91,17 +92,6 @@ def _tree_peak_kb(pid: int) -> int:
         except OSError:
             continue
     return peak
-
-
-def _busy_cpu_seconds() -> float:
-    """CPU seconds the whole machine has spent busy since boot (all cores; /proc/stat, not idle or iowait)."""
-    try:
-        with open("/proc/stat") as handle:
-            fields = [int(value) for value in handle.readline().split()[1:]]
-    except OSError:
-        return 0.0
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 class ProbeError(RuntimeError):

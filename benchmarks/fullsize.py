@@ -68,11 +68,11 @@ def run_tree(command: list[str], log_file: Path, timeout: float | None = None) -
     and the share of the machine's CPU other processes used meanwhile."""
     import psutil
 
-    from benchmarks.common import _busy_cpu_seconds
+    from compress.verify.cpu_share import busy_cpu_seconds, others_share
 
     environment = {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                    "PYTHONPATH": str(ROOT), "COLUMNS": "160"}
-    busy_before, own_cpu = _busy_cpu_seconds(), 0.0
+    busy_before, own_cpu = busy_cpu_seconds(), 0.0
     peaks = dict.fromkeys(STAGES, 0)
     with log_file.open("w") as handle:
         started = time.perf_counter()
@@ -99,10 +99,10 @@ def run_tree(command: list[str], log_file: Path, timeout: float | None = None) -
             time.sleep(0.1)
         seconds = time.perf_counter() - started
     own_cpu = sum(cpu_by_pid.values())
-    others = max(_busy_cpu_seconds() - busy_before - own_cpu, 0.0) / (seconds * (os.cpu_count() or 1))
+    others = others_share(busy_cpu_seconds() - busy_before - own_cpu, seconds)
     return {"seconds": round(seconds, 1), "returncode": process.returncode, "log": str(log_file),
             "peak_tree_rss_mb": round(max(peaks.values()) / MIB), "peak_by_stage_mb": {k: round(v / MIB) for k, v in peaks.items()},
-            "others_cpu": round(others, 3)}
+            "others_cpu": others}
 
 
 def _compress_run(recipe_text: str, model: Path, name: str, timeout: float | None = None) -> dict:

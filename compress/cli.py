@@ -12,16 +12,31 @@ import typer
 from rich.console import Console
 
 from compress import interrupts
-from compress.data import DataError
+from compress.check import FormatError
+from compress.data import DataError, load_documents
 from compress.model import ModelError
 from compress.recipe import RecipeError, load_recipe
 from compress.verify.isolated import MeasurementError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Quantize Phi-4-family checkpoints, verify every artifact in its runtime, release what passes.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 # Piped output (CI logs, `| tee`) gets a table wide enough to read; a terminal uses its own width.
 console = Console(width=None if sys.stdout.isatty() else 140)
 BAD_INPUT = (RecipeError, ModelError, DataError)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"compress {version('compress')}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Quantize Phi-4-family checkpoints, verify every artifact in its runtime, release what passes."""
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -70,6 +85,8 @@ def verify(
     recipe: Annotated[Path | None, typer.Option("--recipe", help="Take evaluation settings and gates from this recipe.")] = None,
     target: Annotated[list[str], typer.Option("--target", help="Target to verify on (repeatable).")] = ["cpu"],  # noqa: B006
     out: Annotated[Path | None, typer.Option("--out", help="Where the report goes (default: runs/verify-<folder>).")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="Evaluation text: a .txt file (blank-line separated documents), a .jsonl file (`text`) or builtin:NAME.")] = None,
+    windows: Annotated[int | None, typer.Option("--windows", help="Evaluation windows to score (at least 2).")] = None,
 ) -> None:
     """Check and measure any artifact folder against its baseline; exit 0 if it passes, 1 if not."""
     try:
@@ -77,12 +94,17 @@ def verify(
         for name in target:
             if name not in ("cpu", "cuda"):
                 raise RecipeError(f"unknown target {name!r}; known: cpu, cuda")
+        if windows is not None and windows < 2:
+            raise RecipeError(f"--windows must be at least 2 (the standard error needs two windows), not {windows}")
+        if dataset is not None:
+            load_documents(dataset)  # a missing or unreadable file fails here, before any model loads
         _quiet_libraries()
-        from compress.check import FormatError, detect_format
+        from compress.check import detect_format
         from compress.verify_folder import verify_folder, verify_recipe
 
         detect_format(artifact)
-        settings = verify_recipe(artifact, baseline, parsed, target)
+        settings = verify_recipe(artifact, baseline, parsed, target, dataset, windows)
+        console.print(evaluation_line(settings.evaluation, recipe, dataset), highlight=False, soft_wrap=True)
         out = out or Path("runs") / f"verify-{artifact.name}"
         report = verify_folder(artifact, baseline, settings, out, console)
     except (*BAD_INPUT, FormatError) as error:
@@ -124,6 +146,12 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run folder holding re
         _fail(f"{source} is not a report compress can read ({type(error).__name__}: {error})")
     print_summary(data, console)
     console.print(f"Report: {run_dir / 'report.html'}")
+
+
+def evaluation_line(evaluation, recipe: Path | None, dataset: str | None) -> str:
+    """What `compress verify` scores on, and where that choice came from: its first line."""
+    source = "--dataset" if dataset else f"the recipe {recipe}" if recipe else "the default; give your own text with --dataset"
+    return (f"Evaluating on {evaluation.dataset} ({source}): {evaluation.windows} windows × {evaluation.seq_len} tokens")
 
 
 def _quiet_libraries() -> None:

@@ -32,9 +32,10 @@ from compress.report import write_report
 from compress.results import FAIL, NOT_VERIFIED, PASS, Artifact, Outcome, Verdict
 from compress.resume import calibration_stamp, released_outcomes, variant_stamp
 from compress.ui import progress_bar, stage
+from compress.verify.cpu_share import BUSY
 from compress.verify.gates import check_gates
 from compress.verify.generation import generation_figures
-from compress.verify.isolated import MeasurementError, measure_in_subprocess
+from compress.verify.isolated import MeasurementError, interleaved_speed, measure_in_subprocess
 from compress.verify.size import folder_bytes
 from compress.verify.targets import availability, free_device_memory
 
@@ -185,7 +186,7 @@ def evaluate_baseline(recipe: Recipe, info: ModelInfo, data: RunData, run_dir: P
         elif job.get("whole_model", True):
             # Speed is never taken from the cache: speedups compare figures measured in one run.
             fresh = measure_in_subprocess({**job, "speed_only": True}, run_dir / "baseline", target)
-            result["metrics"].update({k: v for k, v in fresh["metrics"].items() if k.endswith(("_tps", "_tps_min", "_tps_max", "rss_mb", "vram_mb"))})
+            result["metrics"].update({k: v for k, v in fresh["metrics"].items() if k.endswith(("_tps", "_tps_min", "_tps_max", "others_cpu", "rss_mb", "vram_mb"))})
             result["environment"], result["cached"] = fresh["environment"], True
         else:
             result["cached"] = True
@@ -212,16 +213,26 @@ def verify_artifact(recipe: Recipe, variant: Variant, artifact: Artifact, baseli
         if target == "cpu" and (needed := _whole_artifact_bytes(artifact, runtime, info, recipe)) > budget:
             verdicts[target] = Verdict(target, NOT_VERIFIED, {}, [f"{runtime} must hold the whole artifact: it {memory.describe(needed, budget)}"])
             continue
-        job = {**_job(recipe, artifact.runnable or artifact.path, runtime, target, data), "reference": str(baseline.references[target])}
+        base = baseline.results[target]["metrics"]
+        # Speed in turn with the baseline where both fit in memory at once (the CPU), else in the artifact's worker.
+        interleave = target == "cpu" and "decode_tps" in base and needed + memory.whole_model_cpu(
+            memory.Shapes.from_info(info), recipe.evaluation.seq_len) <= budget
+        job = {**_job(recipe, artifact.runnable or artifact.path, runtime, target, data), "reference": str(baseline.references[target]),
+               "skip_speed": interleave}
+        job_dir = run_dir / "work" / variant.name / artifact.format
         try:
-            result = measure_in_subprocess(job, run_dir / "work" / variant.name / artifact.format, target)
+            result = measure_in_subprocess(job, job_dir, target)
+            if interleave:
+                base = _interleaved(recipe, {"baseline": _job(recipe, info.path, "transformers", target, data), "artifact": job},
+                                    job_dir, result["metrics"])
         except MeasurementError as error:
             verdicts[target] = Verdict(target, FAIL, {}, [f"the artifact could not be run: {error}"])
             continue
         metrics = result["metrics"]
-        base = baseline.results[target]["metrics"]
         metrics["size_ratio"] = artifact.size_bytes / baseline.size_bytes
         if "decode_tps" in base:
+            metrics["speed_interleaved"] = interleave
+            metrics["baseline_others_cpu"] = base.get("others_cpu")
             metrics["decode_speedup"] = metrics["decode_tps"] / base["decode_tps"]
             metrics["prefill_speedup"] = metrics["prefill_tps"] / base["prefill_tps"]
         metrics.update(generation_figures(result["continuations"], set(data.stop_ids), recipe.evaluation.generation_tokens,
@@ -229,6 +240,15 @@ def verify_artifact(recipe: Recipe, variant: Variant, artifact: Artifact, baseli
         failures = check_gates(gates, metrics)
         verdicts[target] = Verdict(target, FAIL if failures else PASS, metrics, failures, result["environment"])
     return verdicts
+
+
+def _interleaved(recipe: Recipe, jobs: dict[str, dict], job_dir: Path, metrics: dict) -> dict:
+    """Baseline and artifact timed in turn: the artifact's figures go into `metrics`. -> the baseline's figures."""
+    evaluation = recipe.evaluation
+    speeds = interleaved_speed(jobs, job_dir, evaluation.prompt_tokens, evaluation.new_tokens, evaluation.speed_runs)
+    metrics.update(speeds["artifact"])
+    metrics.update({f"baseline_{key}": speeds["baseline"][key] for key in ("decode_tps", "prefill_tps")})
+    return speeds["baseline"]
 
 
 def _whole_artifact_bytes(artifact: Artifact, runtime: str, info: ModelInfo, recipe: Recipe) -> int:
@@ -263,6 +283,11 @@ def model_fingerprint(info: ModelInfo) -> str:
     return digest.hexdigest()
 
 
+def _under_load(metrics: dict) -> str:
+    share = metrics.get("others_cpu") or 0.0
+    return f" (timed while other processes used {share:.0%} of the CPU)" if share > BUSY else ""
+
+
 def baseline_stages(recipe: Recipe, recipe_path: str, model_spec: str, out: Path, console: Console, budget: int,
                     max_memory: bool = False):
     """Stages 1-3, shared by `compress run` and `compress verify`. -> (info, data, baseline, context)."""
@@ -280,7 +305,7 @@ def baseline_stages(recipe: Recipe, recipe_path: str, model_spec: str, out: Path
         baseline = evaluate_baseline(recipe, info, data, out, budget)
         line.done(", ".join(
             f"{target}: ppl {result['metrics']['ppl']:.3f}, "
-            + (f"decode {result['metrics']['decode_tps']:.0f} tok/s" if "decode_tps" in result["metrics"]
+            + (f"decode {result['metrics']['decode_tps']:.0f} tok/s" + _under_load(result["metrics"]) if "decode_tps" in result["metrics"]
                else f"speed not measured ({result.get('not_measured')})")
             + (" (cached)" if result["cached"] else "")
             for target, result in baseline.results.items()

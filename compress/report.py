@@ -7,9 +7,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from compress.quantize.plan import plan_runs
 from compress.release import write_json_atomic
+from compress.tradeoff import recommendation_lines
+from compress.verify.cpu_share import BUSY
 
-BASELINE_KEYS = ("ppl", "nll_se", "decode_tps", "prefill_tps", "peak_rss_mb", "peak_vram_mb", "repetition", "eos_rate")
+BASELINE_KEYS = ("ppl", "nll_se", "decode_tps", "prefill_tps", "others_cpu", "peak_rss_mb", "peak_vram_mb", "repetition", "eos_rate")
 
 
 def build_report(out: Path, recipe, info, baseline, outcomes, context) -> dict:
@@ -71,6 +74,20 @@ def _fmt(value, spec: str) -> str:
     return "—" if value is None or value != value else format(value, spec)
 
 
+LOADS = ("others_cpu", "baseline_others_cpu")  # others' CPU share while the artifact's and the baseline's runs were timed
+
+
+def _load(metrics: dict, keys: tuple[str, ...] = LOADS) -> float:
+    """The highest share of the CPU that other processes used while these figures were timed."""
+    return max(metrics.get(key) or 0.0 for key in keys)
+
+
+def _speed(metrics: dict, key: str, spec: str, loads: tuple[str, ...] = LOADS[:1]) -> str:
+    """A speed or speedup, marked † when it was timed while other processes used more than BUSY of the CPU."""
+    value = _fmt(metrics.get(key), spec)
+    return value + " †" if key in metrics and _load(metrics, loads) > BUSY else value
+
+
 def _kld(metrics: dict) -> str:
     return f"{metrics['kld']:.3g} ± {metrics['kld_se']:.2g}" if "kld" in metrics else "—"
 
@@ -87,9 +104,9 @@ COLUMNS = [
     ("KLD ± se", lambda r, m: _kld(m), True),
     ("top-1", lambda r, m: _fmt(m.get("top1"), ".3f"), True),
     ("Δp rms", lambda r, m: _fmt(m.get("delta_p_rms"), ".2g"), False),
-    ("prefill tok/s", lambda r, m: _fmt(m.get("prefill_tps"), ".0f"), False),
-    ("tok/s", lambda r, m: _fmt(m.get("decode_tps"), ".0f"), True),
-    ("× base", lambda r, m: _fmt(m.get("decode_speedup"), ".2f"), True),
+    ("prefill tok/s", lambda r, m: _speed(m, "prefill_tps", ".0f"), False),
+    ("tok/s", lambda r, m: _speed(m, "decode_tps", ".0f"), True),
+    ("× base", lambda r, m: _speed(m, "decode_speedup", ".2f", LOADS), True),
     ("RSS MB", lambda r, m: _fmt(m.get("peak_rss_mb"), ".0f"), False),
     ("repeat", lambda r, m: _fmt(m.get("repetition"), ".2f"), True),
     ("EOS", lambda r, m: _fmt(m.get("eos_rate"), ".2f"), False),
@@ -98,8 +115,20 @@ COLUMNS = [
 ]
 
 
+def absent_targets(report: dict) -> dict[str, str]:
+    """target -> why it is not on this machine at all (the baseline could not be measured there either)."""
+    return {target: base["reason"] for target, base in report["baseline"]["targets"].items()
+            if base.get("status") == "not-verified"}
+
+
+def absent_lines(report: dict) -> list[str]:
+    """One sentence per absent target, in place of a row of dashes for every artifact."""
+    return [f"{target}: not verified for any artifact — {why}" for target, why in absent_targets(report).items()]
+
+
 def summary_rows(report: dict) -> list[tuple[dict, dict]]:
-    """(row, metrics) per (artifact, target), the baseline first."""
+    """(row, metrics) per (artifact, target measured here), the baseline first."""
+    absent = absent_targets(report)
     rows = []
     for target, base in report["baseline"]["targets"].items():
         if base.get("status") == "measured":
@@ -108,7 +137,7 @@ def summary_rows(report: dict) -> list[tuple[dict, dict]]:
             rows.append((row, base))
     for variant in report["variants"]:
         for target, result in variant["targets"].items():
-            if result["status"] == "not-applicable":
+            if result["status"] == "not-applicable" or target in absent:
                 continue
             verdict = result["status"] + (", released" if variant["released"] and result["status"] == "pass" else "")
             rows.append(({**variant, "target": target, "verdict": verdict}, result["metrics"]))
@@ -133,10 +162,13 @@ def render_markdown(report: dict) -> str:
     lines += ["", f"- {report['kld_note']}", "- ± is one standard error over evaluation windows.",
               "- Decode and prefill speeds: one warm-up, then the median of "
               f"{report['evaluation']['speed_runs']} runs of {report['evaluation']['new_tokens']} new tokens after a "
-              f"{report['evaluation']['prompt_tokens']}-token prompt; greedy. Speedup is decode tok/s over the "
-              "baseline's on the same target."]
+              f"{report['evaluation']['prompt_tokens']}-token prompt; greedy."]
+    lines += [f"- {line}" for line in speed_notes(report)]
     lines += [f"- Baseline on {target}: speed and generations not measured, so no speedups: {result['speed_not_measured']}."
               for target, result in report["baseline"]["targets"].items() if result.get("speed_not_measured")]
+    recommendation = recommendation_lines(report)
+    if recommendation:
+        lines += ["", "## Recommendation", ""] + [f"- {line}" for line in recommendation]
     lines += ["", "## Verdicts", ""] + [f"- {line}" for line in verdict_lines(report)]
     lines += plan_lines(report)
     lines += awq_mapping_lines(report)
@@ -145,8 +177,30 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def speed_notes(report: dict) -> list[str]:
+    """How the speedups were timed, and which speeds were taken under others' load (the † in the table)."""
+    measured = [(row, metrics) for row, metrics in summary_rows(report) if "decode_tps" in metrics]
+    apart = [f"{row['name']} ({row['format']}, {row['target']})" for row, metrics in measured
+             if "decode_speedup" in metrics and not metrics.get("speed_interleaved")]
+    notes = ["Speedup (× base) is decode tok/s over the baseline's, the two timed in turn (baseline, artifact, baseline, "
+             "artifact…), each in its own process, so the ratio sees the same load; the baseline's figures from those runs "
+             "are in report.json (baseline_decode_tps)" + (f"; timed apart from the baseline instead: {', '.join(apart)}" if apart else "") + "."]
+    busy = [(row, metrics) for row, metrics in measured if _load(metrics) > BUSY]
+    if not busy:
+        return notes
+    if len(busy) > 1 and len(busy) == len(measured):
+        loads = sorted(_load(metrics) for _, metrics in busy)
+        shares = f"every speed here: {loads[0]:.0%}–{loads[-1]:.0%}"
+    else:
+        shares = ", ".join(f"{row['name']}" + ("" if row["name"] == "baseline" else f" ({row['format']})")
+                           + f" on {row['target']} {_load(metrics):.0%}" for row, metrics in busy)
+    return notes + [f"† timed while other processes used more than {BUSY:.0%} of the machine's CPU ({shares}): not the "
+                    "model's own speed, and a speedup marked † may compare different loads. Rerun on a quiet machine."]
+
+
 def plan_lines(report: dict) -> list[str]:
-    """The per-layer precision of each variant whose layers do not all share one bit width."""
+    """The precision plan of each variant whose layers do not all share one bit width, as runs of layers
+    (the plan layer by layer is in report.json and each artifact's manifest)."""
     lines = []
     seen = set()
     for variant in report["variants"]:
@@ -155,9 +209,9 @@ def plan_lines(report: dict) -> list[str]:
             continue
         seen.add(variant["name"])
         counts = ", ".join(f"{count} at {bits} bits" for bits, count in (variant.get("layer_bits") or {}).items())
-        lines += ["", f"### Layer plan of {variant['name']} ({counts}; 16 = kept in floating point)", ""]
-        lines += [f"- `{layer}`: {bits}" for layer, bits in plan.items()]
-    return (["", "## Per-layer precision"] + lines) if lines else []
+        lines += [f"- {variant['name']} ({counts}):"] + [f"  - {run}" for run in plan_runs(plan)]
+    return (["", "## Per-layer precision", "", "Kept = left in floating point; every layer's bits are in "
+             "report.json and each artifact's manifest.", "", *lines]) if lines else []
 
 
 def awq_mapping_lines(report: dict) -> list[str]:
@@ -183,8 +237,10 @@ def awq_mapping_lines(report: dict) -> list[str]:
 
 
 def verdict_lines(report: dict) -> list[str]:
-    """One sentence per artifact: where it was released, or every reason it was not."""
-    lines = []
+    """One sentence per target absent from this machine, then one per artifact: where it was released, or every
+    reason it was not."""
+    absent = absent_targets(report)
+    lines = absent_lines(report)
     for variant in report["variants"]:
         label = f"{variant['name']} ({variant['format']})"
         if variant["released"]:
@@ -192,7 +248,7 @@ def verdict_lines(report: dict) -> list[str]:
         else:
             lines.append(f"{label}: not released: " + "; ".join(variant["not_released_because"]))
         for target, result in variant["targets"].items():
-            if result["status"] == "not-verified":
+            if result["status"] == "not-verified" and target not in absent:
                 lines.append(f"{label} on {target}: not verified: " + "; ".join(result["failures"]))
         if variant.get("awq"):
             lines.extend(f"{label}: {line}" for line in awq_lines(variant["awq"]))
@@ -227,7 +283,7 @@ def print_summary(report: dict, console: Console) -> None:
         style = "green" if verdict.startswith("pass") else ("red" if verdict.startswith("fail") else "yellow")
         table.add_row(*(cell(row, metrics) for _, cell in shown), style=style if row["name"] != "baseline" else None)
     console.print(table)
-    for line in verdict_lines(report):
+    for line in speed_notes(report)[1:] + recommendation_lines(report) + verdict_lines(report):
         console.print(f"  {line}", highlight=False, soft_wrap=True)
 
 
@@ -244,4 +300,4 @@ def render_files(out: Path, report: dict) -> None:
 
     write_json_atomic(out / "report.json", report)
     (out / "report.md").write_text(render_markdown(report))
-    (out / "report.html").write_text(render_html(report, summary_rows, COLUMNS, verdict_lines))
+    (out / "report.html").write_text(render_html(report, summary_rows, COLUMNS, verdict_lines, speed_notes(report)))

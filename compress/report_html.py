@@ -7,7 +7,7 @@ import html
 import io
 import math
 
-from compress.tradeoff import artifact_rows, noise_neighbours, pareto_front, recommend
+from compress.tradeoff import artifact_rows, noise_neighbours, pareto_front, recommendation_lines
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1400px}
@@ -71,22 +71,13 @@ def _table(header: list[str], rows: list[list[str]], classes: list[str] | None =
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def render_html(report: dict, summary_rows, columns, verdict_lines) -> str:
-    """The page; the table's columns and rows come from report.py so the Markdown and HTML agree."""
+def render_html(report: dict, summary_rows, columns, verdict_lines, speed_notes: list[str]) -> str:
+    """The page; the table's columns, rows and notes come from report.py so the Markdown and HTML agree."""
     rows = artifact_rows(report)
     neighbours = noise_neighbours(rows)
-    choice = recommend(rows)
     gates = report.get("gates", {})
     baseline_size = report["baseline"]["size_bytes"]
-
-    def label(row):
-        return f"{row['label']}: {row['size_bytes'] / 2**20:.2f} MiB, KLD {row['kld']:.3g}, {row['decode_tps']:.0f} tok/s"
-
-    recommendation = "No artifact met the gates, so none is recommended." if choice["smallest"] is None else (
-        f"Ship <b>{html.escape(label(choice['smallest']))}</b> — the smallest released artifact that meets the gates"
-        + ("" if choice["fastest"] is choice["smallest"] else
-           f"; the fastest is <b>{html.escape(label(choice['fastest']))}</b>") + "."
-    )
+    recommendation = "<br>".join(html.escape(line) for line in recommendation_lines(report))
     header = [name for name, _, _ in columns] + ["KLD within noise of"]
     table, classes = [], []
     for row, metrics in summary_rows(report):
@@ -112,6 +103,7 @@ def render_html(report: dict, summary_rows, columns, verdict_lines) -> str:
         "<h2>Summary</h2>", _table(header, table, classes),
         f"<p><small>{html.escape(report['kld_note'])} ± is one standard error over evaluation windows; two artifacts "
         "whose KLDs differ by less than two combined standard errors are within noise.</small></p>",
+        *(f"<p><small>{html.escape(note)}</small></p>" for note in speed_notes),
         "<h2>Trade-off (CPU)</h2>", plots or "<p>No artifact was measured on the CPU.</p>",
         "<p><small>Green passed every gate, red failed one; ringed points are on the Pareto front; dotted lines are "
         "the gates.</small></p>",

@@ -27,12 +27,16 @@ RUNTIMES = {"compressed-tensors": "transformers", "gptq": "onnxruntime-genai", "
 DEFAULT_GATES = Gates(max_kld=0.1, min_top1=0.8, max_ppl_ratio=1.2)  # when no recipe names its own
 
 
-def verify_recipe(folder: Path, baseline: str, recipe: Recipe | None, targets: list[str]) -> Recipe:
-    """The settings to verify with: the recipe's evaluation and gates, or defaults, on the targets asked for."""
+def verify_recipe(folder: Path, baseline: str, recipe: Recipe | None, targets: list[str], dataset: str | None = None,
+                  windows: int | None = None) -> Recipe:
+    """The settings to verify with: the recipe's evaluation and gates, or defaults, on the targets asked for;
+    `dataset` and `windows` replace the evaluation's."""
     base = recipe or Recipe(name=f"verify-{folder.name}", model=baseline, gates=DEFAULT_GATES,
                             variants=[Variant(name="artifact", method="rtn")])
+    chosen = {"dataset": dataset, "windows": windows}
     return base.model_copy(update={
         "name": f"verify-{folder.name}",
+        "evaluation": base.evaluation.model_copy(update={k: v for k, v in chosen.items() if v is not None}),
         "targets": {t: base.targets.get(t, type(base.targets["cpu"])(required=True)) for t in targets},
         "variants": [Variant(name=_artifact_name(folder), method="rtn")],
     })

@@ -170,7 +170,8 @@ def test_layer_plans_reach_the_manifest_and_the_report(more):
     mixed = entry(report, "onnx-int4-mixed", "onnx")
     assert mixed["builder_options"]["matmul_mixed_precision"] == "last_matmul:int8"
     assert "/model/layers.0/mlp/down_proj/MatMul" in mixed["builder_options"]["nodes_to_exclude"]
-    assert "Layer plan of gptq-safe" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "- gptq-safe (" in markdown and "down_proj 8 bits" in markdown and "model.layers.0.mlp" not in markdown
 
 
 def test_int8_dynamic_runs_in_onnxruntime_genai(more):

@@ -4,7 +4,7 @@ import pytest
 
 from compress.export.onnx_genai import builder_node_names, builder_options, phi3_linear_names
 from compress.quantize.llmc import plan_groups
-from compress.quantize.plan import plan_summary, resolve_plan
+from compress.quantize.plan import plan_runs, plan_summary, resolve_plan
 from compress.recipe import Override, Variant
 
 CONFIG = {"num_hidden_layers": 2}
@@ -63,3 +63,14 @@ def test_builder_node_names_for_fused_layers():
     assert builder_node_names("lm_head") == ["/lm_head/MatMul"]
     with pytest.raises(ValueError, match="no ONNX node"):
         builder_node_names("model.layers.0.mlp.experts")
+
+
+def test_plans_are_written_as_runs_of_layers_not_layer_by_layer():
+    phi4 = phi3_linear_names({"num_hidden_layers": 40})
+    plan = resolve_plan(phi4, 4, ["lm_head"], [Override(match="down_proj", bits=8)])
+    assert plan_runs(plan) == ["layers 0–39: qkv_proj, o_proj, gate_up_proj 4 bits; down_proj 8 bits", "lm_head kept"]
+    # a layer that differs splits the run; a single layer is named alone
+    plan = resolve_plan(phi4, 4, [], [Override(match=r"layers\.7\.", bits=8)])
+    assert plan_runs(plan) == ["layers 0–6: qkv_proj, o_proj, gate_up_proj, down_proj 4 bits",
+                               "layer 7: qkv_proj, o_proj, gate_up_proj, down_proj 8 bits",
+                               "layers 8–39: qkv_proj, o_proj, gate_up_proj, down_proj 4 bits", "lm_head 4 bits"]

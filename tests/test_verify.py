@@ -142,3 +142,14 @@ def test_unknown_folders_are_refused_in_one_sentence(tmp_path):
     result = run_cli("verify", str(tmp_path / "notes"), "--baseline", "builtin:tiny-phi4-mini")
     assert result.returncode == 2
     assert result.stdout.strip().startswith("error: cannot tell the format of")
+
+
+def test_own_text_without_a_recipe(good, tmp_path):
+    text = tmp_path / "mine.txt"
+    text.write_text("\n\n".join(f"Document {i}: the quick brown fox jumps over the lazy dog. " * 40 for i in range(6)))
+    out = tmp_path / "out"
+    result = run_cli("verify", str(good["onnx"]), "--baseline", "builtin:tiny-phi4-mini", "--dataset", str(text),
+                     "--windows", "4", "--out", str(out))
+    assert result.stdout.startswith(f"Evaluating on {text} (--dataset): 4 windows × 256 tokens"), result.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["evaluation"]["dataset"] == str(text) and report["evaluation"]["windows"] == 4

@@ -40,3 +40,37 @@ def plan_summary(plan: dict[str, int]) -> dict[str, int]:
 def keeps_decoder_layers(plan: dict[str, int]) -> bool:
     """Whether the plan leaves any linear layer other than the head in floating point."""
     return any(bits == KEEP for layer, bits in plan.items() if layer != "lm_head")
+
+
+DECODER_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:.+\.)?([^.]+)$")  # model.layers.7.mlp.down_proj -> 7, down_proj
+
+
+def plan_runs(plan: dict[str, int]) -> list[str]:
+    """The plan in words: consecutive decoder layers whose modules get the same bits form one run, e.g.
+    ["layers 0–39: qkv_proj, o_proj, gate_up_proj 4 bits; down_proj 8 bits", "lm_head kept"]."""
+    per_layer: dict[int, list[tuple[str, int]]] = {}
+    others: list[tuple[str, int]] = []
+    for name, bits in plan.items():
+        match = DECODER_LAYER.search(name)
+        if match:
+            per_layer.setdefault(int(match[1]), []).append((match[2], bits))
+        else:
+            others.append((name, bits))
+    runs: list[list] = []  # [first layer, last layer, (module, bits) of each]
+    for index in sorted(per_layer):
+        modules = per_layer[index]
+        if runs and runs[-1][1] == index - 1 and runs[-1][2] == modules:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index, modules])
+    lines = [f"{'layer' if first == last else 'layers'} {first}{'' if first == last else f'–{last}'}: {_by_bits(modules)}"
+             for first, last, modules in runs]
+    return lines + ([_by_bits(others)] if others else [])
+
+
+def _by_bits(modules: list[tuple[str, int]]) -> str:
+    """"qkv_proj, o_proj 4 bits; down_proj 8 bits; lm_head kept", modules grouped by bits in their first order."""
+    groups: dict[int, list[str]] = {}
+    for name, bits in modules:
+        groups.setdefault(bits, []).append(name)
+    return "; ".join(", ".join(names) + (" kept" if bits == KEEP else f" {bits} bits") for bits, names in groups.items())

@@ -1,6 +1,6 @@
 """Measure one model folder on one target in a process of its own.
 
-    python -m compress.verify.worker JOB.json
+    python -m compress.verify.worker JOB.json [--serve-speed]
 
 Each artifact (and the baseline) is loaded from disk and run here alone, so its peak memory is its own
 and nothing of the parent's models leaks into its figures. The job names the folder, runtime, target,
@@ -11,6 +11,7 @@ With `write_reference` set (the baseline), the top-k reference is written instea
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from compress.verify.accuracy import Reference, make_reference, perplexity, position_figures, summarise
+from compress.verify.cpu_share import CpuShare
 from compress.verify.speed import measure_speed
 from compress.verify.targets import device_for, prepare
 
@@ -95,8 +97,9 @@ def run_job(job: dict) -> dict:
         stop_ids = set(job.get("stop_ids", []))
         prompts = [] if job.get("speed_only") else job.get("prompts", [])
         continuations = [runtime.generate(ids, job["generation_tokens"], stop_ids) for ids in prompts]
-        speed, generated = measure_speed(runtime, prompt, job["new_tokens"], job["speed_runs"])
-        metrics.update(speed)
+        if not job.get("skip_speed"):  # the caller times it interleaved with the baseline (serve_speed)
+            speed, generated = measure_speed(runtime, prompt, job["new_tokens"], job["speed_runs"])
+            metrics.update(speed)
         device_peak = runtime.peak_device_memory_mb()
         if device_peak is not None:
             metrics["peak_vram_mb"] = device_peak
@@ -125,8 +128,29 @@ def _accuracy(job: dict, logprobs, targets: np.ndarray) -> dict:
     return summarise(reference, _stack(parts))
 
 
+def serve_speed(job: dict) -> None:
+    """Speed on request, so that two models can be timed in turn: load and warm up, answer one line, then time
+    one generation per line read from stdin and answer each with its seconds and others' CPU share."""
+    replies = os.fdopen(os.dup(1), "w")  # the answers' own channel: what libraries print goes to the log
+    os.dup2(2, 1)
+    described = prepare(job["target"], job["runtime"])
+    prompt = np.load(job["windows"])["prompt"]
+    runtime = _runtime(job["runtime"], Path(job["artifact"]), device_for(job["target"]), described["threads"])
+    runtime.timed_generation(prompt, job["new_tokens"])  # warm-up
+    print(json.dumps({"environment": described}), file=replies, flush=True)
+    for _ in sys.stdin:
+        load = CpuShare()
+        with load.window():
+            prefill_s, decode_s, _tokens = runtime.timed_generation(prompt, job["new_tokens"])
+        print(json.dumps({"prefill_s": prefill_s, "decode_s": decode_s, "others_seconds": load.others_seconds,
+                          "wall_seconds": load.wall_seconds}), file=replies, flush=True)
+
+
 def main() -> None:
     job = json.loads(Path(sys.argv[1]).read_text())
+    if sys.argv[2:] == ["--serve-speed"]:
+        serve_speed(job)
+        return
     result = run_job(job)
     Path(job["result"]).write_text(json.dumps(result, indent=2))
 

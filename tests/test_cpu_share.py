@@ -1,0 +1,50 @@
+"""Others' share of the CPU while a figure is timed, and speed timed in turn with the baseline."""
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from compress.model import ASSETS
+from compress.verify.cpu_share import CpuShare, others_share
+from compress.verify.isolated import interleaved_speed
+
+
+def test_others_share_is_their_cpu_seconds_over_all_cores_time():
+    assert others_share(1.0, 1.0, cores=2) == 0.5  # another job held one of two cores throughout
+    assert others_share(-0.01, 1.0, cores=2) == 0.0 and others_share(1.0, 0.0, cores=2) == 0.0
+
+
+def test_a_process_spinning_beside_the_window_is_counted_and_our_own_work_is_not():
+    cores = os.cpu_count() or 1
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        load = CpuShare()
+        with load.window():
+            time.sleep(1.0)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert load.share > 0.6 / cores  # one core of `cores` (less /proc/stat's 10 ms ticks)
+    own = CpuShare()
+    with own.window():
+        deadline = time.perf_counter() + 0.5
+        while time.perf_counter() < deadline:
+            pass
+    assert own.share < load.share
+
+
+@pytest.mark.slow
+def test_interleaved_speed_times_both_models_and_records_their_load(tmp_path):
+    windows = tmp_path / "windows.npz"
+    np.savez(windows, windows=np.zeros((2, 16), dtype=np.int64), prompt=np.arange(1, 17, dtype=np.int64))
+    job = {"artifact": str(ASSETS / "tiny-phi4-mini"), "runtime": "transformers", "target": "cpu", "windows": str(windows),
+           "new_tokens": 8}
+    speeds = interleaved_speed({"baseline": job, "artifact": job}, tmp_path / "jobs", 16, 8, 3)
+    for figures in speeds.values():
+        assert figures["decode_tps"] > 0 and figures["speed_runs"] == 3 and 0 <= figures["others_cpu"] <= 1
+    assert (tmp_path / "jobs" / "artifact-speed.log").is_file()
