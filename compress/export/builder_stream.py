@@ -181,30 +181,33 @@ def _round_in_slices(builder, node: ir.Node, round_all) -> ir.Model | None:
     rows, columns = tensor.shape.numpy()
     step = max(1, SLICE_BYTES // (rows * int(tensor.dtype.itemsize)))
     print(f"Rounding {node.name} in {-(-columns // step)} slices of {step} columns", flush=True)
-    pieces = []
+    first, widths, parts = None, [], []
     for start in range(0, columns, step):
         part = ir.Tensor(builder.spill.columns(tensor, start, min(start + step, columns)), dtype=tensor.dtype, name=weight.name)
-        pieces.append(_round_with(builder, _subgraph_model(builder.model, [node], {weight.name: part}), round_all))
-    return _joined(pieces, columns)
+        rounded = _round_with(builder, _subgraph_model(builder.model, [node], {weight.name: part}), round_all)
+        nodes = list(rounded.graph)
+        if len(nodes) != 1 or nodes[0].op_type != "MatMulNBits":
+            return None
+        widths.append(nodes[0].attributes["N"].as_int())
+        # copies: the rounded model keeps the serialized graph it came from, float slice included
+        parts.append({name: np.array(value.const_value.numpy()) for name, value in rounded.graph.initializers.items()})
+        first = rounded if first is None else first
+        del part, rounded, nodes
+    return _joined(first, widths, parts, columns)
 
 
-def _joined(pieces: list[ir.Model], columns: int) -> ir.Model | None:
-    """Column slices of one rounded MatMul joined: MatMulNBits' B [N, blocks, blob] and its per-column
-    scales and zero points (1-D, column-major) concatenated along N."""
-    first = pieces[0]
-    nodes = [list(piece.graph) for piece in pieces]
-    if any(len(n) != 1 or n[0].op_type != "MatMulNBits" for n in nodes):
-        return None
-    widths = [n[0].attributes["N"].as_int() for n in nodes]
+def _joined(first: ir.Model, widths: list[int], parts: list[dict[str, np.ndarray]], columns: int) -> ir.Model | None:
+    """Column slices of one rounded MatMul joined into `first`: MatMulNBits' B [N, blocks, blob] and its
+    per-column scales and zero points (1-D, column-major) concatenated along N."""
     for name, value in first.graph.initializers.items():
-        parts = [piece.graph.initializers[name].const_value.numpy() for piece in pieces]
-        per_column = {part.shape[0] / width for part, width in zip(parts, widths, strict=True)}
+        arrays = [part[name] for part in parts]
+        per_column = {array.shape[0] / width for array, width in zip(arrays, widths, strict=True)}
         if len(per_column) != 1 or not float(next(iter(per_column))).is_integer():
             return None
-        joined = np.concatenate(parts, axis=0)
+        joined = np.concatenate(arrays, axis=0)
         value.const_value = ir.Tensor(joined, dtype=value.const_value.dtype, name=name)
         value.shape = ir.Shape(joined.shape)
-    nodes[0][0].attributes["N"] = ir.AttrInt64("N", columns)
+    next(iter(first.graph)).attributes["N"] = ir.AttrInt64("N", columns)
     return first
 
 
