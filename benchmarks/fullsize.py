@@ -56,7 +56,7 @@ def _stage_of(children: list[list[str]]) -> str:
     """Which stage a set of living subprocess command lines belongs to."""
     for command in children:
         joined = " ".join(command)
-        if "onnxruntime_genai.models.builder" in joined:
+        if "onnxruntime_genai.models.builder" in joined or "compress.export.builder_stream" in joined:
             return STAGES[2]
         if "compress.verify.worker" in joined:
             return STAGES[1] if "/baseline/" in joined else STAGES[3]

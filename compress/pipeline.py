@@ -172,7 +172,7 @@ def evaluate_baseline(recipe: Recipe, info: ModelInfo, data: RunData, run_dir: P
         })
         job = {**_job(recipe, info.path, "transformers", target, data), "write_reference": str(reference)}
         if target == "cpu":
-            whole = memory.whole_model_cpu(shapes, recipe.evaluation.seq_len)
+            whole = memory.baseline_whole_model_cpu(shapes, recipe.evaluation.seq_len)
             job.update(layerwise=True, activation_budget=memory.activation_budget(budget),
                        spill_dir=str(run_dir / "work" / "baseline-activations"), whole_model=whole <= budget,
                        whole_model_reason=f"the whole model in transformers {memory.describe(whole, budget)}")
@@ -215,7 +215,7 @@ def verify_artifact(recipe: Recipe, variant: Variant, artifact: Artifact, baseli
             continue
         base = baseline.results[target]["metrics"]
         # Speed in turn with the baseline where both fit in memory at once (the CPU), else in the artifact's worker.
-        interleave = target == "cpu" and "decode_tps" in base and needed + memory.whole_model_cpu(
+        interleave = target == "cpu" and "decode_tps" in base and needed + memory.baseline_whole_model_cpu(
             memory.Shapes.from_info(info), recipe.evaluation.seq_len) <= budget
         job = {**_job(recipe, artifact.runnable or artifact.path, runtime, target, data), "reference": str(baseline.references[target]),
                "skip_speed": interleave}
