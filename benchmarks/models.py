@@ -82,7 +82,8 @@ def _write_pool(width: dict, layers: int, dtype_name: str, pool: Path) -> None:
 def random_model(family: str, layers: int, dtype: str = "bf16", pool_layers: int | None = None) -> Path:
     """A cached folder holding a random `family`-width model with `layers` layers (symlinked shards)."""
     pool_layers = max(layers, pool_layers or layers)
-    pools = sorted(CACHE.glob(f"pool-{family}-{dtype}-L*"), key=lambda p: int(p.name.rsplit("L", 1)[1]))
+    pools = sorted((p for p in CACHE.glob(f"pool-{family}-{dtype}-L*") if p.name.rsplit("L", 1)[1].isdigit()),
+                   key=lambda p: int(p.name.rsplit("L", 1)[1]))  # not a pool still being written (.tmp)
     pool = next((p for p in pools if int(p.name.rsplit("L", 1)[1]) >= layers), None)
     if pool is None:
         pool = CACHE / f"pool-{family}-{dtype}-L{pool_layers}"

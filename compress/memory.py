@@ -135,8 +135,9 @@ def onnx_build(shapes: Shapes, method: str, from_float: bool = False, head_round
     From a quantized folder (`-i`) it runs through compress.export.builder_stream, one decoder layer at a
     time: the embedding table and an untied head stay loaded in their stored dtype while it unpacks and
     repacks one layer (~7 bytes per layer parameter); after the layers it reads a float head back whole
-    (float32) to save it, or rounds it (~10 bytes per head parameter: the float32 head, its slices and the
-    rounded result). From the float checkpoint it casts every weight to float32 in one in-memory graph (~5.3
+    (float32) to save it, or rounds it in column slices read from its spill file beside the loaded tables
+    (measured with the head at int8: 4.0-4.2 GiB at Phi-4 width, 1-8 layers; 3.4 GiB at Phi-4-mini's exact
+    shape; benchmarks/builder.py, 2026-12-03). From the float checkpoint it casts every weight to float32 in one in-memory graph (~5.3
     bytes per parameter) plus the head's rounding; int8 also keeps a float32 embedding table. int8-dynamic
     holds the builder's float32 graph while quantize_dynamic rewrites it."""
     head = 4 * shapes.vocab * shapes.hidden
@@ -146,7 +147,7 @@ def onnx_build(shapes: Shapes, method: str, from_float: bool = False, head_round
         return OVERHEAD + int(5.3 * shapes.parameters) + 2 * head + (head if method == "onnx-int8" else 0)
     tables = shapes.table_bytes * (1 if shapes.tied else 2)
     layers = tables + 7 * shapes.layer_parameters
-    return OVERHEAD + max(layers, int(2.5 * head) if head_rounded else head)
+    return OVERHEAD + max(layers, tables + head if head_rounded else head)
 
 
 def give_back_freed_memory() -> None:
