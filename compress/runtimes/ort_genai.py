@@ -47,8 +47,11 @@ class GenaiRuntime:
             generator = self._generator(len(window) + 1)
             generator.append_tokens(window[None].astype(np.int32))
             logits = np.asarray(generator.get_output("logits"), dtype=np.float32)[0, :-1]
-            shifted = logits - logits.max(axis=-1, keepdims=True)
-            yield shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+            # In place: at Phi-4-mini's vocabulary one 512-token window's logits are 0.4 GB, and the
+            # out-of-place form held four such arrays at once (peak 5.87 against 5.49 GiB for int4, 2026-12-03).
+            logits -= logits.max(axis=-1, keepdims=True)
+            logits -= np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+            yield logits
 
     def timed_generation(self, prompt: np.ndarray, new_tokens: int) -> tuple[float, float, list[int]]:
         """Greedy decode. -> (prefill seconds, seconds from first to last new token, tokens).
