@@ -45,8 +45,11 @@ variants:
   - {{name: {method}, method: {method}, bits: 4, group_size: 128, ignore: [lm_head], formats: [compressed-tensors]}}
   - {{name: onnx-int4-{method}, method: onnx-int4, from: {method}, group_size: 128}}
 """
+REHEARSAL_TARGET_MIN = 90  # the issue's target; the run is stopped only well past it, so an overrun is measured
+REHEARSAL_TIMEOUT_S = 130 * 60
 REHEARSAL_VARIANTS = ("gptq-w4g128", "onnx-int4-gptq", "onnx-int4-rtn", "onnx-int8")
-REHEARSAL_CUTS = {"calibration": {"samples": 16, "seq_len": 512},
+# GPTQ at 16x512 tokens would add ~40 minutes on 2 cores (the Hessian of down_proj grows with the tokens)
+REHEARSAL_CUTS = {"calibration": {"samples": 8, "seq_len": 512},
                   "evaluation": {"windows": 4, "seq_len": 512, "prompt_tokens": 64, "new_tokens": 8, "speed_runs": 3,
                                  "generation_tokens": 16, "sensitivity_samples": 1}}
 STAGES = ("main process (preflight, data, calibration, report)", "baseline worker", "ONNX builder", "verification worker")
@@ -252,7 +255,7 @@ def run(depths=DEPTHS, with_rehearsal: bool = True, deadline: float | None = Non
     results = {"budget_gib": BUDGET_GIB, "depth": depth_scaling(depths, deadline, method)}
     results["prediction"] = prediction(results["depth"])
     if with_rehearsal:
-        results["rehearsal"] = rehearsal(timeout=90 * 60, method=method)
+        results["rehearsal"] = rehearsal(timeout=REHEARSAL_TIMEOUT_S, method=method)
     return results
 
 
@@ -283,7 +286,7 @@ def markdown(results: dict) -> list[str]:
     if "rehearsal" in results:
         rehearsal = results["rehearsal"]
         lines += ["", "### Rehearsal: Phi-4-mini's exact shape (32 layers, bf16), variants " + ", ".join(rehearsal["variants"]), "",
-                  f"Cut to fit 2 cores: {json.dumps(rehearsal['cuts'])}. Exit {rehearsal['returncode']}, {rehearsal['seconds'] / 60:.1f} min, "
+                  f"Cut to fit 2 cores: {json.dumps(rehearsal['cuts'])}. Exit {rehearsal['returncode']}, {rehearsal['seconds'] / 60:.1f} min (target ≤ {REHEARSAL_TARGET_MIN}), "
                   f"peak {rehearsal['peak_tree_rss_mb'] / 1024:.2f} GiB (target ≤ 6): "
                   + ", ".join(f"{stage} {mb / 1024:.2f}" for stage, mb in rehearsal["peak_by_stage_mb"].items()) + ".", "",
                   "Stage times (s): " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in rehearsal["stage_seconds"].items()), ""]
