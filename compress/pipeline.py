@@ -35,7 +35,13 @@ from compress.ui import progress_bar, stage
 from compress.verify.cpu_share import BUSY
 from compress.verify.gates import check_gates
 from compress.verify.generation import generation_figures
-from compress.verify.isolated import MeasurementError, interleaved_speed, measure_in_subprocess
+from compress.verify.isolated import (
+    KeptServer,
+    MeasurementError,
+    SpeedServer,
+    measure_and_time_in_turn,
+    measure_in_subprocess,
+)
 from compress.verify.size import folder_bytes
 from compress.verify.targets import availability, free_device_memory
 
@@ -195,9 +201,15 @@ def evaluate_baseline(recipe: Recipe, info: ModelInfo, data: RunData, run_dir: P
     return Baseline(folder_bytes(info.path), results, references, missing)
 
 
+def baseline_speed_server(recipe: Recipe, info: ModelInfo, data: RunData, run_dir: Path) -> KeptServer:
+    """The baseline's speed server on the CPU, which artifacts are timed in turn with (verify_artifact)."""
+    return KeptServer(_job(recipe, info.path, "transformers", "cpu", data), run_dir / "work" / "baseline-speed", "baseline-speed")
+
+
 def verify_artifact(recipe: Recipe, variant: Variant, artifact: Artifact, baseline: Baseline, data: RunData, run_dir: Path,
-                    info: ModelInfo, budget: int) -> dict[str, Verdict]:
-    """Load the exported artifact back from disk on each target, measure it, and check the gates."""
+                    info: ModelInfo, budget: int, baseline_speed: KeptServer) -> dict[str, Verdict]:
+    """Load the exported artifact back from disk on each target, measure it, and check the gates. On the CPU,
+    where the baseline fits beside the artifact, its speed is taken in turn with `baseline_speed`'s."""
     gates = recipe.gates_for(variant).model_dump()
     runtime = "transformers" if artifact.runtime == "transformers" else "onnxruntime-genai"
     verdicts = {}
@@ -221,10 +233,10 @@ def verify_artifact(recipe: Recipe, variant: Variant, artifact: Artifact, baseli
                "skip_speed": interleave}
         job_dir = run_dir / "work" / variant.name / artifact.format
         try:
-            result = measure_in_subprocess(job, job_dir, target)
             if interleave:
-                base = _interleaved(recipe, {"baseline": _job(recipe, info.path, "transformers", target, data), "artifact": job},
-                                    job_dir, result["metrics"])
+                result, base = _measured_and_interleaved(recipe, job, baseline_speed.get(), job_dir)
+            else:
+                result = measure_in_subprocess(job, job_dir, target)
         except MeasurementError as error:
             verdicts[target] = Verdict(target, FAIL, {}, [f"the artifact could not be run: {error}"])
             continue
@@ -242,13 +254,16 @@ def verify_artifact(recipe: Recipe, variant: Variant, artifact: Artifact, baseli
     return verdicts
 
 
-def _interleaved(recipe: Recipe, jobs: dict[str, dict], job_dir: Path, metrics: dict) -> dict:
-    """Baseline and artifact timed in turn: the artifact's figures go into `metrics`. -> the baseline's figures."""
+def _measured_and_interleaved(recipe: Recipe, job: dict, baseline: SpeedServer, job_dir: Path) -> tuple[dict, dict]:
+    """The artifact measured, then timed in turn with the baseline. -> (its result, with its speed figures in its
+    metrics; the baseline's speed figures)."""
     evaluation = recipe.evaluation
-    speeds = interleaved_speed(jobs, job_dir, evaluation.prompt_tokens, evaluation.new_tokens, evaluation.speed_runs)
+    result, speeds = measure_and_time_in_turn(job, baseline, job_dir, evaluation.prompt_tokens, evaluation.new_tokens,
+                                              evaluation.speed_runs)
+    metrics = result["metrics"]
     metrics.update(speeds["artifact"])
     metrics.update({f"baseline_{key}": speeds["baseline"][key] for key in ("decode_tps", "prefill_tps")})
-    return speeds["baseline"]
+    return result, speeds["baseline"]
 
 
 def _whole_artifact_bytes(artifact: Artifact, runtime: str, info: ModelInfo, recipe: Recipe) -> int:
@@ -333,7 +348,12 @@ def run(recipe: Recipe, recipe_path: str, out: Path, model_spec: str | None = No
     outcomes: list[Outcome] = []
     stamps: dict[str, str] = {}
     kept: list[str] = []
-    with stage(console, 4, "Quantize, export, verify", spinner=False) as line:
+    # The baseline's speed server stays loaded between artifacts unless a stage needs its memory.
+    shapes = memory.Shapes.from_info(info)
+    stages = memory.run_estimates(info, recipe, budget).values()
+    beside_every_stage = memory.baseline_whole_model_cpu(shapes, recipe.evaluation.seq_len) + max(n for n, _ in stages) <= budget
+    with stage(console, 4, "Quantize, export, verify", spinner=False) as line, \
+            baseline_speed_server(recipe, info, data, out) as baseline_speed:
         with progress_bar(console) as bar:
             task = bar.add_task("variants", total=len(recipe.variants))
             for variant in recipe.variants:
@@ -346,10 +366,12 @@ def run(recipe: Recipe, recipe_path: str, out: Path, model_spec: str | None = No
                     bar.advance(task)
                     continue
                 bar.update(task, description=f"{variant.name}: quantizing ({variant.method})")
+                if not beside_every_stage:
+                    baseline_speed.close()
                 artifacts = produce(variant, recipe, info, data.samples, out, calibration_stamp(variant, context), budget)
                 for artifact in artifacts:
                     bar.update(task, description=f"{variant.name}: verifying {artifact.format}")
-                    verdicts = verify_artifact(recipe, variant, artifact, baseline, data, out, info, budget)
+                    verdicts = verify_artifact(recipe, variant, artifact, baseline, data, out, info, budget, baseline_speed)
                     reasons = decide(recipe, verdicts)
                     outcomes.append(Outcome(artifact, verdicts, not reasons, reasons))
                 bar.advance(task)

@@ -15,7 +15,7 @@ from compress import memory
 from compress.check import detect_format, quantized_layers, tokenizer_problems, truncation_problems, weight_problems
 from compress.data import load_documents
 from compress.export.onnx_genai import run_builder
-from compress.pipeline import baseline_stages, decide, verify_artifact
+from compress.pipeline import baseline_speed_server, baseline_stages, decide, verify_artifact
 from compress.recipe import Gates, Recipe, Variant
 from compress.report import write_report
 from compress.results import FAIL, NOT_VERIFIED, Artifact, Outcome, Verdict
@@ -78,7 +78,8 @@ def verify_folder(folder: Path, baseline_spec: str, recipe: Recipe, out: Path, c
         if fatal:
             verdicts = {t: Verdict(t, FAIL, {}, problems) for t in recipe.targets}
         else:
-            verdicts = verify_artifact(recipe, variant, artifact, baseline, data, out, info, budget)
+            with baseline_speed_server(recipe, info, data, out) as baseline_speed:
+                verdicts = verify_artifact(recipe, variant, artifact, baseline, data, out, info, budget, baseline_speed)
             for target, verdict in verdicts.items():
                 if problems and verdict.status != NOT_VERIFIED:
                     verdicts[target] = Verdict(target, FAIL, verdict.metrics, problems + verdict.failures, verdict.environment)

@@ -10,7 +10,7 @@ import pytest
 
 from compress.model import ASSETS
 from compress.verify.cpu_share import CpuShare, others_share
-from compress.verify.isolated import interleaved_speed
+from compress.verify.isolated import KeptServer, interleaved_speed, measure_and_time_in_turn, measure_in_subprocess
 
 
 def test_others_share_is_their_cpu_seconds_over_all_cores_time():
@@ -48,3 +48,30 @@ def test_interleaved_speed_times_both_models_and_records_their_load(tmp_path):
     for figures in speeds.values():
         assert figures["decode_tps"] > 0 and figures["speed_runs"] == 3 and 0 <= figures["others_cpu"] <= 1
     assert (tmp_path / "jobs" / "artifact-speed.log").is_file()
+
+
+@pytest.mark.slow
+def test_an_artifact_measured_in_the_process_that_times_it_has_the_figures_it_has_alone(tmp_path):
+    """measure_and_time_in_turn (the pipeline's path where the baseline fits beside the artifact) against the
+    worker on its own: the same accuracy and generations, plus speed figures for both models."""
+    windows = tmp_path / "windows.npz"
+    tokens = np.random.default_rng(0).integers(3, 500, (2, 32))
+    np.savez(windows, windows=tokens, prompt=np.arange(1, 17, dtype=np.int64))
+    model = str(ASSETS / "tiny-phi4-mini")
+    job = {"artifact": model, "runtime": "transformers", "target": "cpu", "windows": str(windows), "top_k": 8,
+           "new_tokens": 8, "speed_runs": 3, "prompts": [[1, 2, 3]], "stop_ids": [], "generation_tokens": 4}
+    measure_in_subprocess({**job, "write_reference": str(tmp_path / "reference.npz"), "skip_speed": True}, tmp_path / "ref", "cpu")
+    scored = {**job, "reference": str(tmp_path / "reference.npz")}
+    alone = measure_in_subprocess({**scored, "skip_speed": True}, tmp_path / "alone", "cpu")
+    with KeptServer(job, tmp_path / "baseline", "baseline-speed") as baseline:
+        together, speeds = measure_and_time_in_turn(scored, baseline.get(), tmp_path / "together", 16, 8, 3)
+        server = baseline.get()
+        again, _ = measure_and_time_in_turn(scored, baseline.get(), tmp_path / "again", 16, 8, 3)
+        assert baseline.get() is server and server.process.poll() is None  # one baseline process for both
+    assert server.process.poll() is not None  # closed with the block
+    for key in ("ppl", "kld", "top1"):
+        assert together["metrics"][key] == pytest.approx(alone["metrics"][key], rel=1e-6), key
+        assert again["metrics"][key] == pytest.approx(alone["metrics"][key], rel=1e-6), key
+    assert together["metrics"]["kld"] < 1e-6 and together["continuations"] == alone["continuations"]
+    assert "decode_tps" not in together["metrics"]  # timed in turn, not alone
+    assert speeds["artifact"]["decode_tps"] > 0 and speeds["baseline"]["decode_tps"] > 0

@@ -65,6 +65,11 @@ def run_job(job: dict) -> dict:
     disk (compress/layerwise.py), before anything else is loaded. With `whole_model` false the runtime is
     never loaded (it would not fit the memory budget): no generations and no speed, and the result says why.
     """
+    return _run(job)[1]
+
+
+def _run(job: dict):
+    """-> (the runtime it loaded, None if it loaded none; run_job's result)."""
     described = prepare(job["target"], job["runtime"])
     data = np.load(job["windows"])
     windows, prompt = data["windows"], data["prompt"]
@@ -104,7 +109,7 @@ def run_job(job: dict) -> dict:
         if device_peak is not None:
             metrics["peak_vram_mb"] = device_peak
     metrics["peak_rss_mb"] = peak_rss_mb()
-    return {
+    return runtime, {
         "metrics": metrics,
         "generated": generated,
         "continuations": continuations if job.get("whole_model", True) else None,
@@ -130,12 +135,20 @@ def _accuracy(job: dict, logprobs, targets: np.ndarray) -> dict:
 
 def serve_speed(job: dict) -> None:
     """Speed on request, so that two models can be timed in turn: load and warm up, answer one line, then time
-    one generation per line read from stdin and answer each with its seconds and others' CPU share."""
+    one generation per line read from stdin and answer each with its seconds and others' CPU share.
+
+    With `measure_first` the job's accuracy and generations (run_job, without speed) come first, written to
+    its result file, and the runtime they loaded is the one timed: one process and one load, not two."""
     replies = os.fdopen(os.dup(1), "w")  # the answers' own channel: what libraries print goes to the log
     os.dup2(2, 1)
     described = prepare(job["target"], job["runtime"])
     prompt = np.load(job["windows"])["prompt"]
-    runtime = _runtime(job["runtime"], Path(job["artifact"]), device_for(job["target"]), described["threads"])
+    runtime = None
+    if job.get("measure_first"):
+        runtime, result = _run({**job, "skip_speed": True})
+        Path(job["result"]).write_text(json.dumps(result, indent=2))
+    if runtime is None:
+        runtime = _runtime(job["runtime"], Path(job["artifact"]), device_for(job["target"]), described["threads"])
     runtime.timed_generation(prompt, job["new_tokens"])  # warm-up
     print(json.dumps({"environment": described}), file=replies, flush=True)
     for _ in sys.stdin:
