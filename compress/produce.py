@@ -152,7 +152,10 @@ def _onnx_artifacts(variant, recipe, info: ModelInfo, run_dir: Path, space: Work
     if variant.from_:
         details["from"] = f"integer weights of {variant.from_} (its saved calibration, repacked to GPTQ v1)"
         calibration = json.loads((run_dir / "work" / variant.from_ / "calibration.json").read_text())
-        plan = {**plan, **{layer: bits for layer, bits in calibration["layer_plan"].items() if bits == KEEP}}
+        kept = {layer: bits for layer, bits in calibration["layer_plan"].items() if bits == KEEP}
+        if plan.get("lm_head") == 8:  # the calibration left the head float; the builder rounds it to int8
+            kept.pop("lm_head", None)
+        plan = {**plan, **kept}
         if "sensitivity" in calibration:  # the same integer weights; the builder's compute type aside
             details["sensitivity"] = calibration["sensitivity"]
     # int8-dynamic: the builder's fp32 graph streams its weights, quantize_dynamic then holds the graph.

@@ -284,8 +284,11 @@ class Recipe(Strict):
                 if source.method not in CALIBRATED_METHODS or source.bits != 4:
                     raise LocatedError(where, f"{variant.from_!r} is {source.method} at {source.bits} bits; "
                                               "only 4-bit gptq, awq or rtn weights can go into an ONNX int4 graph")
-                if any(rule.bits == 8 for rule in source.layer_overrides() + variant.layer_overrides()):
+                if any(rule.bits == 8 for rule in source.layer_overrides()):
                     raise LocatedError(where, "8-bit layer overrides cannot be carried into an ONNX int4 graph")
+                # The head alone may become int8 here: the calibrated variant leaves it float, the builder rounds it.
+                if any(rule.bits == 8 for rule in variant.layer_overrides()) and not any(_only_lm_head(p) for p in source.ignore):
+                    raise LocatedError(where, f"an int8 lm_head needs {variant.from_!r} to leave lm_head float (ignore: [lm_head])")
             earlier[variant.name] = variant
         return self
 

@@ -139,6 +139,7 @@ variants:
   - {name: awq-asym, method: awq, symmetric: false, n_grid: 5, formats: [compressed-tensors, awq]}
   - {name: gptq-safe, method: gptq, preset: phi4-safe}
   - {name: onnx-int4-awq, method: onnx-int4, from: awq-asym, symmetric: false}
+  - {name: onnx-int4-awq-head8, method: onnx-int4, from: awq-asym, symmetric: false, ignore: [], overrides: [{match: lm_head, bits: 8}]}
   - {name: onnx-int4-mixed, method: onnx-int4, ignore: [], overrides: [{match: lm_head, bits: 8}, {match: down_proj, bits: skip}]}
   - {name: onnx-int8-dynamic, method: onnx-int8-dynamic}
 """
@@ -157,6 +158,23 @@ def test_awq_folder_and_awq_weights_in_onnx(more):
     assert awq["targets"]["cpu"]["metrics"]["kld"] == pytest.approx(cpu(report, "awq-asym", "compressed-tensors")["kld"], rel=0.02)
     carried = cpu(report, "onnx-int4-awq", "onnx")
     assert carried["kld"] < 0.05 and "awq-asym" in entry(report, "onnx-int4-awq", "onnx")["from"]
+
+
+def test_carried_weights_with_the_head_rounded_to_int8_by_the_builder(more):
+    """A `from:` variant may round the head its calibrated source left float to int8: a smaller graph (and,
+    at Phi-4-mini's vocabulary, 6 GiB to verify instead of 10.6) with the carried layers' KLD kept."""
+    import onnx
+
+    out, report = more
+    graph = onnx.load(str(out / "release" / "onnx-int4-awq-head8" / "onnx" / "model.onnx"), load_external_data=False).graph
+    head = [node for node in graph.node if node.op_type == "MatMulNBits" and "lm_head" in node.name]
+    assert [attribute.i for node in head for attribute in node.attribute if attribute.name == "bits"] == [8]
+    float_head = entry(report, "onnx-int4-awq", "onnx")
+    int8_head = entry(report, "onnx-int4-awq-head8", "onnx")
+    assert int8_head["size_bytes"] < float_head["size_bytes"]
+    assert int8_head["layer_plan"]["lm_head"] == 8 and "awq-asym" in int8_head["from"]
+    kld, carried = cpu(report, "onnx-int4-awq-head8", "onnx")["kld"], cpu(report, "onnx-int4-awq", "onnx")["kld"]
+    assert abs(kld - carried) < 0.005  # int8 rounding of the head moves KLD by little
 
 
 def test_layer_plans_reach_the_manifest_and_the_report(more):

@@ -110,6 +110,9 @@ METHOD_MISTAKES = [
     ("from 8-bit", "  - {name: b, method: gptq, bits: 8}\n  - {name: a, method: onnx-int4, from: b}",
      "only 4-bit gptq, awq or rtn weights can go into an ONNX int4 graph"),
     ("from on gptq", "  - {name: a, method: gptq, from: x}", "variants[0]: from: only ONNX methods take this option"),
+    ("from int8 head, head calibrated", "  - {name: b, method: gptq, ignore: []}\n"
+     "  - {name: a, method: onnx-int4, from: b, ignore: [], overrides: [{match: lm_head, bits: 8}]}",
+     "variants[1].from: an int8 lm_head needs 'b' to leave lm_head float (ignore: [lm_head])"),
     ("awq 8-bit", "  - {name: a, method: rtn, bits: 8, formats: [awq]}", "the awq format holds 4-bit weights only"),
     ("onnx int8 layer", "  - {name: a, method: onnx-int4, overrides: [{match: down_proj, bits: 8}]}",
      "the ONNX builder can keep only lm_head at 8 bits"),
