@@ -121,6 +121,8 @@ def _compress_run(recipe_text: str, model: Path, name: str, timeout: float | Non
     measured = run_tree(command, folder / "run.log", timeout)
     report_file = folder / "run" / "report.json"
     measured["report"] = _summary(json.loads(report_file.read_text())) if report_file.is_file() else None
+    for row in measured["report"] or []:
+        row["estimate_mb"] = _onnx_estimate_mb(folder / "run", row, model)
     measured["stage_seconds"] = _stage_seconds(Path(measured["log"]).read_text(errors="replace"))
     measured["baseline_layerwise_rss_mb"] = _baseline_layerwise_rss(folder / "run")
     measured["calibration"] = {path.parent.name: {k: v for k, v in json.loads(path.read_text()).items() if k in ("seconds", "layers_seconds")}
@@ -128,6 +130,24 @@ def _compress_run(recipe_text: str, model: Path, name: str, timeout: float | Non
     for heavy in ("release", "staging", "work"):  # ~11 GB a run at Phi-4 width; the report, logs and results stay
         shutil.rmtree(folder / "run" / heavy, ignore_errors=True)
     return measured
+
+
+def _onnx_estimate_mb(run: Path, row: dict, model: Path) -> float | None:
+    """What preflight's onnxruntime-genai estimate said for an artifact verified in it (a GPTQ v1 folder
+    through its float32-compute build), to set beside the worker's measured peak."""
+    from compress import memory
+    from compress.model import inspect_model
+    from compress.verify.size import onnx_weight_bytes
+
+    graph = run / "work" / row["name"] / "gptq-onnx-cpu" if row["format"] == "gptq" else run / "staging" / row["name"] / row["format"]
+    if row["format"] == "onnx" and row["released"]:
+        graph = run / "release" / row["name"] / row["format"]
+    if not (graph / "model.onnx").is_file():
+        return None
+    recipe = yaml.safe_load((run.parent / "recipe.yaml").read_text())
+    needed = memory.onnx_runtime(onnx_weight_bytes(graph), memory.Shapes.from_info(inspect_model(str(model))),
+                                 recipe["evaluation"]["seq_len"])
+    return round(needed / MIB, 1)
 
 
 def _baseline_layerwise_rss(run: Path) -> float | None:
@@ -291,8 +311,12 @@ def markdown(results: dict) -> list[str]:
                   + ", ".join(f"{stage} {mb / 1024:.2f}" for stage, mb in rehearsal["peak_by_stage_mb"].items()) + ".", "",
                   "Stage times (s): " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in rehearsal["stage_seconds"].items()), ""]
         for row in rehearsal.get("report") or []:
+            measured = row.get("peak_rss_mb")
+            estimate = row.get("estimate_mb")
+            memory = (f"; verification worker {measured / 1024:.2f} GiB, onnxruntime-genai estimate {estimate / 1024:.2f} "
+                      f"({100 * (estimate / measured - 1):+.0f}%)" if measured and estimate else "")
             lines.append(f"- {row['name']}/{row['format']}: {row['status']}{' (' + row['reason'] + ')' if row['reason'] else ''}, "
-                         f"{row['size_mb']} MiB, released: {row['released']}")
+                         f"{row['size_mb']} MiB, released: {row['released']}{memory}")
     prediction = results.get("prediction")
     if prediction:
         lines += ["", f"### Prediction: Phi-4 14B under a {prediction['budget_gib']} GiB budget (preflight's estimates)", ""]

@@ -116,19 +116,21 @@ def baseline_whole_model_cpu(shapes: Shapes, seq_len: int) -> int:
     return whole_model_cpu(shapes, seq_len) + shapes.stored_bytes
 
 
-def onnx_runtime(artifact_bytes: int, shapes: Shapes, seq_len: int) -> int:
-    """onnxruntime-genai holding a graph: its weights as it keeps them after load (measured 1.6x the folder's
-    bytes for int4 at Phi-4-mini's exact shape: 4.1 GiB for a 2.57 GiB folder, 5.5 GiB peak over one 512-token
-    window, 2026-12-03; onnxruntime prepacks the weights for its kernels), a KV cache and one window's logits."""
+def onnx_runtime(weights, shapes: Shapes, seq_len: int) -> int:
+    """onnxruntime-genai holding a graph, from its weights by use (compress.verify.size.OnnxWeights).
+
+    Measured at Phi-4-mini's width, 2 layers, 2026-12-03 (one process each; load peak / after load): an int4
+    graph whose int8 head a GatherBlockQuantized shares 2.23 / 1.59 GiB (0.12 GiB of MatMul weights, 0.64
+    shared); an int8 graph 1.48 / 0.91 (0.79 prepacked, a 2.3 GiB float32 table only gathered, not resident);
+    an int4 graph with a float32 head and its own table 4.73 / 2.44 (2.39 prepacked, the head 2.29 of it).
+    So: packed copies ~1.1x, a shared original kept beside its copy, the largest initializer twice while it is
+    packed; then a KV cache, the window's log-probs and a chunk's logits (compress.runtimes.ort_genai)."""
+    from compress.runtimes.ort_genai import CHUNK
+
+    held = int(1.1 * weights.prepacked) + 2 * weights.shared
     kv = 2 * shapes.layers * shapes.kv_heads * shapes.head_dim * seq_len * 4
-    return OVERHEAD + int(1.5 * artifact_bytes) + kv + 2 * seq_len * shapes.vocab * 4
-
-
-def onnx_fp32_compute(shapes: Shapes) -> int:
-    """onnxruntime-genai running an int4 graph built with accuracy level 1 (how GPTQ v1 and AWQ folders are
-    verified): its float32 compute holds about 2.7 bytes per parameter (measured: ~10.4 GB for Phi-4-mini's
-    exact shape, 2026-12-02)."""
-    return OVERHEAD + int(2.7 * shapes.parameters)
+    running = held + kv + (seq_len + 3 * min(CHUNK, seq_len)) * shapes.vocab * 4
+    return OVERHEAD + max(held + weights.largest, running) + weights.other // 64
 
 
 def onnx_build(shapes: Shapes, method: str, from_float: bool = False, head_rounded: bool = True) -> int:

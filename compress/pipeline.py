@@ -42,7 +42,7 @@ from compress.verify.isolated import (
     measure_and_time_in_turn,
     measure_in_subprocess,
 )
-from compress.verify.size import folder_bytes
+from compress.verify.size import folder_bytes, onnx_weight_bytes
 from compress.verify.targets import availability, free_device_memory
 
 
@@ -271,10 +271,7 @@ def _whole_artifact_bytes(artifact: Artifact, runtime: str, info: ModelInfo, rec
     shapes = memory.Shapes.from_info(info)
     if runtime == "transformers":
         return memory.whole_model_cpu(shapes, recipe.evaluation.seq_len)
-    needed = memory.onnx_runtime(folder_bytes(artifact.runnable or artifact.path), shapes, recipe.evaluation.seq_len)
-    if artifact.runnable is not None and artifact.runnable != artifact.path:  # a GPTQ/AWQ folder's fp32-compute build
-        needed = max(needed, memory.onnx_fp32_compute(shapes))
-    return needed
+    return memory.onnx_runtime(onnx_weight_bytes(artifact.runnable or artifact.path), shapes, recipe.evaluation.seq_len)
 
 
 def decide(recipe: Recipe, verdicts: dict[str, Verdict]) -> list[str]:

@@ -14,7 +14,7 @@ from rich.console import Console
 from compress import memory
 from compress.check import detect_format, quantized_layers, tokenizer_problems, truncation_problems, weight_problems
 from compress.data import load_documents
-from compress.export.onnx_genai import run_builder
+from compress.export.onnx_genai import HEAD_NODE, run_builder
 from compress.pipeline import baseline_speed_server, baseline_stages, decide, verify_artifact
 from compress.recipe import Gates, Recipe, Variant
 from compress.report import write_report
@@ -102,7 +102,7 @@ def _artifact(folder: Path, fmt: str, variant: Variant, out: Path, sensitivity: 
         work = out / "work" / "built-onnx"
         try:
             runnable = run_builder(folder, work, "int4", "cpu", {"accuracy_level": "1", "hf_token": "false",
-                                   "nodes_to_exclude": "/lm_head/MatMul,/model/embed_tokens/Gather"},
+                                   "nodes_to_exclude": f"{HEAD_NODE},/model/embed_tokens/Gather"},
                                    out / "work" / "cache", out / "work" / "builder.log")
         except RuntimeError:
             runnable = work  # verification then fails with the builder's own sentence

@@ -35,6 +35,9 @@ class ExportError(RuntimeError):
     """An export step failed; the message says which and where its log is."""
 
 
+HEAD_NODE = "/lm_head/MatMul"
+
+
 def phi3_linear_names(config: dict) -> list[str]:
     """Every linear layer of a Phi-3-architecture model, by its Hugging Face name."""
     names = [f"model.layers.{i}.{suffix}" for i in range(int(config["num_hidden_layers"])) for suffix in BUILDER_NODES]
@@ -44,7 +47,7 @@ def phi3_linear_names(config: dict) -> list[str]:
 def builder_node_names(layer: str) -> list[str]:
     """The builder's node names for one Hugging Face linear layer."""
     if layer == "lm_head":
-        return ["/lm_head/MatMul"]
+        return [HEAD_NODE]
     match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", layer)
     if not match or match.group(2) not in BUILDER_NODES:
         raise ValueError(f"no ONNX node is known for layer {layer}")
@@ -93,11 +96,13 @@ def run_builder(source: Path, out: Path, precision: str, target: str, options: d
     shutil.rmtree(out, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
     log.parent.mkdir(parents=True, exist_ok=True)
-    if precision == "fp32":
-        # With tied embeddings the builder's fp32 graph gathers embedding rows from Transpose(lm_head weight),
-        # which onnxruntime does not constant-fold at this size: Phi-4-mini transposed its 2.5 GB head on every
-        # forward pass (~3.7 s per token; benchmarks/). A table of its own costs the same disk in the
-        # onnx-int8-dynamic artifacts made from this graph, which kept the fp32 head for that Transpose.
+    if precision == "fp32" or HEAD_NODE in options.get("nodes_to_exclude", "").split(","):
+        # With tied embeddings and a float head the builder gathers embedding rows from Transpose(lm_head
+        # weight), which onnxruntime does not constant-fold at this size: Phi-4-mini transposed its 2.5 GB head
+        # on every forward pass (~3.7 s per token in the fp32 graph; benchmarks/). An int4 graph with a float
+        # head (a GPTQ v1 folder's check, 2 layers at Phi-4-mini's width, 2026-12-03): 4.7 GiB after load, 7.9
+        # peak, 0.4 tok/s; with a table of its own, which onnxruntime maps and pages in only the rows
+        # gathered: 2.4, 4.7 and 2.7 tok/s, for 2.3 GiB more on disk.
         options = {"shared_embeddings": "false", **options}
     command = [sys.executable, "-m", builder, "-i", str(source), "-o", str(out),
                "-p", precision, "-e", EXECUTION_PROVIDERS[target], "-c", str(cache),

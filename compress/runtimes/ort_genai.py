@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 PROVIDERS = {"cpu": None, "cuda": "cuda"}
+CHUNK = 128  # tokens per append_tokens while scoring a window
 
 
 def session_threads(threads: int) -> dict:
@@ -42,16 +43,24 @@ class GenaiRuntime:
         return self.og.Generator(self.model, params)
 
     def window_logprobs(self, windows: np.ndarray) -> Iterator[np.ndarray]:
-        """Next-token log-probs for each window [seq_len] -> [seq_len - 1, V] float32, one window at a time."""
+        """Next-token log-probs for each window [seq_len] -> [seq_len - 1, V] float32, one window at a time.
+
+        The window goes in `CHUNK` tokens at a time (each append runs on the cache the earlier ones left), so
+        onnxruntime's logits output, genai's copy of it and numpy's are a chunk's, not the window's: at
+        Phi-4-mini's vocabulary a 512-token window's logits are 0.4 GB and the whole-window form held several."""
         for window in windows:
             generator = self._generator(len(window) + 1)
-            generator.append_tokens(window[None].astype(np.int32))
-            logits = np.asarray(generator.get_output("logits"), dtype=np.float32)[0, :-1]
-            # In place: at Phi-4-mini's vocabulary one 512-token window's logits are 0.4 GB, and the
-            # out-of-place form held four such arrays at once (peak 5.87 against 5.49 GiB for int4, 2026-12-03).
-            logits -= logits.max(axis=-1, keepdims=True)
-            logits -= np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-            yield logits
+            out = None
+            for start in range(0, len(window) - 1, CHUNK):
+                generator.append_tokens(window[None, start:start + CHUNK].astype(np.int32))
+                logits = np.asarray(generator.get_output("logits"), dtype=np.float32)[0, : len(window) - 1 - start]
+                if out is None:
+                    out = np.empty((len(window) - 1, logits.shape[-1]), dtype=np.float32)
+                rows = out[start:start + len(logits)]
+                np.subtract(logits, logits.max(axis=-1, keepdims=True), out=rows)
+                rows -= np.log(np.exp(rows).sum(axis=-1, keepdims=True))
+                del logits
+            yield out
 
     def timed_generation(self, prompt: np.ndarray, new_tokens: int) -> tuple[float, float, list[int]]:
         """Greedy decode. -> (prefill seconds, seconds from first to last new token, tokens).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,34 @@ def onnx_bits_per_weight(initializers: dict[str, tuple[int, int]], nodes: list[t
         "bits_per_weight_all": 8 * (quantized_bytes + other_bytes) / total if total else float("nan"),
         "quantized_weights": float(quantized_weights),
     }
+
+
+PREPACKED_BY = ("MatMul", "MatMulNBits", "Gemm")  # onnxruntime's CPU kernels repack these weights at load
+
+
+@dataclass(frozen=True)
+class OnnxWeights:
+    """An ONNX graph's initializer bytes by how onnxruntime holds them on the CPU."""
+
+    prepacked: int  # read only by MatMul-like nodes: repacked at load, the mapped original then let go
+    shared: int  # read by a MatMul-like node and another (a tied head's Gather): packed copy and original kept
+    largest: int  # the largest prepacked initializer: while it is packed, both forms are resident
+    other: int  # the rest, e.g. a table only a Gather reads: mapped, paged in by the rows gathered
+
+
+def onnx_weight_bytes(folder: Path) -> OnnxWeights:
+    initializers, nodes = read_onnx(folder)
+    readers: dict[str, set[str]] = {}
+    for op, inputs, _ in nodes:
+        for name in inputs:
+            if name in initializers:
+                readers.setdefault(name, set()).add(op)
+    packed = {name for name, ops in readers.items() if ops & set(PREPACKED_BY)}
+    shared = {name for name in packed if readers[name] - set(PREPACKED_BY)}
+    size = {name: nbytes for name, (_, nbytes) in initializers.items()}
+    return OnnxWeights(prepacked=sum(size[name] for name in packed - shared), shared=sum(size[name] for name in shared),
+                       largest=max((size[name] for name in packed), default=0),
+                       other=sum(size.values()) - sum(size[name] for name in packed))
 
 
 def read_onnx(folder: Path) -> tuple[dict[str, tuple[int, int]], list[tuple[str, list[str], dict]]]:
