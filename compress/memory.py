@@ -116,8 +116,35 @@ def baseline_whole_model_cpu(shapes: Shapes, seq_len: int) -> int:
     return whole_model_cpu(shapes, seq_len) + shapes.stored_bytes
 
 
-def onnx_runtime(weights, shapes: Shapes, seq_len: int) -> int:
-    """onnxruntime-genai holding a graph, from its weights by use (compress.verify.size.OnnxWeights).
+@dataclass(frozen=True)
+class OnnxWeights:
+    """An ONNX graph's initializer bytes by how onnxruntime holds them on the CPU."""
+
+    prepacked: int  # read only by MatMul-like nodes: repacked at load, the mapped original then let go
+    shared: int  # read by a MatMul-like node and another (a tied head's Gather): packed copy and original kept
+    largest: int  # the largest prepacked initializer: while it is packed, both forms are resident
+    other: int  # the rest, e.g. a table only a Gather reads: mapped, paged in by the rows gathered
+
+
+def predicted_onnx_weights(shapes: Shapes, bits: int, group_size: int, symmetric: bool, head_bits: int) -> OnnxWeights:
+    """The builder's graph before it exists (what compress.verify.size.onnx_weight_bytes reads off one):
+    MatMulNBits weights at `bits` with a float32 scale (and a zero point unless symmetric) per `group_size`,
+    the head at `head_bits` (16: float32), an int4 graph's quantized tied head shared with the embedding's
+    GatherBlockQuantized, every other embedding table float32 and only gathered."""
+    def nbits(parameters: int, width: int) -> int:
+        return parameters * width // 8 + parameters // group_size * (4 + (0 if symmetric else 1))
+
+    decoder = shapes.layers * (shapes.layer_parameters - 2 * shapes.hidden)
+    head_parameters = shapes.vocab * shapes.hidden
+    head = 4 * head_parameters if head_bits == 16 else nbits(head_parameters, head_bits)
+    shared = shapes.tied and bits == 4 and head_bits != 16
+    largest_layer = max(shapes.intermediate * shapes.hidden * 2, (shapes.heads + 2 * shapes.kv_heads) * shapes.head_dim * shapes.hidden)
+    return OnnxWeights(prepacked=nbits(decoder, bits) + (0 if shared else head), shared=head if shared else 0,
+                       largest=max(head, nbits(largest_layer, bits)), other=0 if shared else 4 * head_parameters)
+
+
+def onnx_runtime(weights: OnnxWeights, shapes: Shapes, seq_len: int) -> int:
+    """onnxruntime-genai holding a graph, from its weights by use (OnnxWeights).
 
     Measured at Phi-4-mini's width, 2 layers, 2026-12-03 (one process each; load peak / after load): an int4
     graph whose int8 head a GatherBlockQuantized shares 2.23 / 1.59 GiB (0.12 GiB of MatMul weights, 0.64
@@ -172,7 +199,7 @@ def describe(needed: int, budget: int) -> str:
 
 
 def _onnx_plan(config: dict, variant) -> dict[str, int]:
-    """An ONNX variant's layer plan, as produce resolves it."""
+    """A variant's layer plan, as produce resolves it."""
     from compress.export.onnx_genai import phi3_linear_names
     from compress.quantize.plan import resolve_plan
 
@@ -183,6 +210,7 @@ def run_estimates(info, recipe, budget: int) -> dict[str, tuple[int, bool]]:
     """What each stage of a recipe needs -> {stage: (bytes, required)}; a required stage that does not fit
     stops the run in preflight, the others are reported "not verified" when they do not fit."""
     from compress.model import estimate_memory
+    from compress.quantize.plan import KEEP, keeps_decoder_layers
 
     shapes = Shapes.from_info(info)
     evaluation, calibration_set = recipe.evaluation, recipe.calibration
@@ -191,13 +219,15 @@ def run_estimates(info, recipe, budget: int) -> dict[str, tuple[int, bool]]:
               "baseline speed and generations (whole model in transformers)": (baseline_whole_model_cpu(shapes, evaluation.seq_len), False)}
     for variant in recipe.variants:
         if variant.is_onnx:
-            from compress.quantize.plan import KEEP, keeps_decoder_layers
-
             # the builder rounds the head itself where the plan quantizes it (calibrated folders never do)
             plan = _onnx_plan(info.config, variant)
             from_float = variant.from_ is None and keeps_decoder_layers(plan)
             stages[f"ONNX build, {variant.method}" + (" from the float model" if from_float else "")] = (
                 onnx_build(shapes, variant.method, from_float, plan.get("lm_head", KEEP) != KEEP), False)
+            if variant.method in ("onnx-int4", "onnx-int8"):
+                bits = 4 if variant.method == "onnx-int4" else 8
+                weights = predicted_onnx_weights(shapes, bits, variant.group_size, variant.symmetric, plan.get("lm_head", KEEP))
+                stages[f"{variant.name} in onnxruntime-genai"] = (onnx_runtime(weights, shapes, evaluation.seq_len), False)
             continue
         if variant.method == "awq" and variant.awq_mappings == "stock":
             needed = estimate_memory(info, calibration_set.samples, calibration_set.seq_len, evaluation.seq_len).quantize
@@ -207,4 +237,8 @@ def run_estimates(info, recipe, budget: int) -> dict[str, tuple[int, bool]]:
             stages[f"calibration, {variant.method} (layer by layer)"] = (needed, True)
         if "compressed-tensors" in variant.formats:
             stages["compressed-tensors checks (whole model in transformers)"] = (whole, False)
+        for fmt in {"gptq", "awq"} & set(variant.formats):  # checked through an int4 build, zero points as the folders keep
+            head_bits = _onnx_plan(info.config, variant).get("lm_head", KEEP)
+            weights = predicted_onnx_weights(shapes, variant.bits, variant.group_size, False, head_bits)
+            stages[f"{variant.name} ({fmt}) in onnxruntime-genai"] = (onnx_runtime(weights, shapes, evaluation.seq_len), False)
     return stages

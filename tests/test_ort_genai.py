@@ -1,21 +1,24 @@
-"""onnxruntime-genai scoring a window in chunks: the same log-probs as one append of the whole window."""
+"""onnxruntime-genai: scoring a window in chunks gives the same log-probs as one append of the whole window;
+preflight's prediction of a graph's weights matches the graph the builder writes."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from compress import memory
 from compress.export.onnx_genai import PLAIN_BUILDER, run_builder
-from compress.model import resolve_model
+from compress.model import inspect_model, resolve_model
 from compress.runtimes import ort_genai
 from compress.runtimes.ort_genai import GenaiRuntime
+from compress.verify.size import onnx_weight_bytes
 
 
 @pytest.fixture(scope="module")
 def int4_folder(tmp_path_factory):
     work = tmp_path_factory.mktemp("ort-genai")
     return run_builder(resolve_model("builtin:tiny-phi4-mini"), work / "int4", "int4", "cpu",
-                       {"accuracy_level": "1", "hf_token": "false"}, work / "cache", work / "builder.log", PLAIN_BUILDER)
+                       {"accuracy_level": "1", "hf_token": "false", "block_size": "32", "is_symmetric": "true"}, work / "cache", work / "builder.log", PLAIN_BUILDER)
 
 
 def _whole_window(runtime: GenaiRuntime, window: np.ndarray) -> np.ndarray:
@@ -38,3 +41,17 @@ def test_chunked_window_equals_one_append(int4_folder, monkeypatch, length):
         reference = _whole_window(runtime, window)
         assert np.abs(ours - reference).max() < 1e-4
         assert np.allclose(np.exp(ours).sum(axis=-1), 1.0, atol=1e-4)
+
+
+def test_preflight_predicts_the_graphs_weights(int4_folder):
+    """The builder rounded every linear layer, the tied head included, to int4 in blocks of 32: what preflight
+    predicts from the config alone is what the graph holds, by how onnxruntime holds it."""
+    shapes = memory.Shapes.from_info(inspect_model("builtin:tiny-phi4-mini"))
+    assert shapes.tied
+    graph = onnx_weight_bytes(int4_folder)
+    predicted = memory.predicted_onnx_weights(shapes, 4, 32, True, 4)
+    assert graph.shared > 0 and predicted.shared > 0  # the head's weights also feed the embedding's gather
+    for field in ("prepacked", "shared"):
+        assert abs(getattr(predicted, field) / getattr(graph, field) - 1) < 0.03, field
+    # no float embedding table: what else the graph holds are norms and rotary caches, small at any width
+    assert predicted.other == 0 and graph.other < graph.prepacked / 2

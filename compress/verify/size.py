@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -122,17 +121,10 @@ def onnx_bits_per_weight(initializers: dict[str, tuple[int, int]], nodes: list[t
 PREPACKED_BY = ("MatMul", "MatMulNBits", "Gemm")  # onnxruntime's CPU kernels repack these weights at load
 
 
-@dataclass(frozen=True)
-class OnnxWeights:
-    """An ONNX graph's initializer bytes by how onnxruntime holds them on the CPU."""
+def onnx_weight_bytes(folder: Path):
+    """-> compress.memory.OnnxWeights of folder/model.onnx."""
+    from compress.memory import OnnxWeights
 
-    prepacked: int  # read only by MatMul-like nodes: repacked at load, the mapped original then let go
-    shared: int  # read by a MatMul-like node and another (a tied head's Gather): packed copy and original kept
-    largest: int  # the largest prepacked initializer: while it is packed, both forms are resident
-    other: int  # the rest, e.g. a table only a Gather reads: mapped, paged in by the rows gathered
-
-
-def onnx_weight_bytes(folder: Path) -> OnnxWeights:
     initializers, nodes = read_onnx(folder)
     readers: dict[str, set[str]] = {}
     for op, inputs, _ in nodes:
