@@ -16,6 +16,7 @@ import torch
 
 from compress.activations import Activations, allocate
 from compress.tensors import TensorFolder
+from compress.verify.accuracy import BLOCK_ROWS
 
 HEAD_ROWS = 16384  # vocabulary rows of the head upcast to float32 at once
 BATCH_BYTES = 512 * 2**20  # a layer's largest intermediate per forward chunk, roughly
@@ -135,13 +136,18 @@ def run_all_layers(model: LayerwiseModel, windows: np.ndarray, budget_bytes: int
 
 
 def window_logprobs(folder: Path, windows: np.ndarray, budget_bytes: int | None = None,
-                    spill_dir: Path | None = None) -> Iterator[np.ndarray]:
-    """Next-token log-probs per window [seq_len - 1, vocab] float32, as a plain forward of the whole model
-    gives them, computed one decoder layer at a time."""
+                    spill_dir: Path | None = None) -> Iterator[Iterator[np.ndarray]]:
+    """Next-token log-probs of each window, as a plain forward of the whole model gives them, computed one
+    decoder layer at a time: blocks of BLOCK_ROWS rows [rows, vocab] float32, in order."""
     with LayerwiseModel(folder) as model:
         hidden = run_all_layers(model, windows, budget_bytes, spill_dir)
-        with torch.inference_mode():
-            for index in range(len(windows)):
-                logits = model.head_logits(hidden.read(index, index + 1)[0, :-1])
-                yield torch.log_softmax(logits, dim=-1).numpy()
+        for index in range(len(windows)):
+            yield _head_blocks(model, hidden.read(index, index + 1)[0, :-1])
         hidden.delete()
+
+
+def _head_blocks(model: LayerwiseModel, hidden: torch.Tensor) -> Iterator[np.ndarray]:
+    for block in hidden.split(BLOCK_ROWS):
+        with torch.inference_mode():
+            logprobs = torch.log_softmax(model.head_logits(block), dim=-1).numpy()
+        yield logprobs

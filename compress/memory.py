@@ -81,10 +81,12 @@ def layerwise_forward(shapes: Shapes, windows: int, seq_len: int, budget: int) -
 
 
 def baseline_accuracy(shapes: Shapes, windows: int, seq_len: int, budget: int) -> int:
-    """Layer-sequential reference log-probs: the forward, then the head (stored), a block of it upcast, and
-    one window's logits, log-probs and their numpy copy in float32 (3.3 GiB measured for Phi-4-mini's exact
-    shape at 512 tokens, 2026-12-02)."""
-    head = shapes.table_bytes + 3 * seq_len * shapes.vocab * 4 + HEAD_BLOCK * shapes.hidden * 4
+    """Layer-sequential reference log-probs: the forward, then the head (stored), a block of it upcast, and a
+    block of BLOCK_ROWS positions' logits and log-probs in float32 with the reference's int64 argsort of them
+    (3.3 GiB measured for Phi-4-mini's exact shape at 512 tokens with whole windows, 2026-12-02)."""
+    from compress.verify.accuracy import BLOCK_ROWS
+
+    head = shapes.table_bytes + 4 * min(BLOCK_ROWS, seq_len) * shapes.vocab * 4 + HEAD_BLOCK * shapes.hidden * 4
     return max(layerwise_forward(shapes, windows, seq_len, budget), OVERHEAD + head + _hidden_states(windows, seq_len, shapes.hidden, budget))
 
 
@@ -151,12 +153,13 @@ def onnx_runtime(weights: OnnxWeights, shapes: Shapes, seq_len: int) -> int:
     shared); an int8 graph 1.48 / 0.91 (0.79 prepacked, a 2.3 GiB float32 table only gathered, not resident);
     an int4 graph with a float32 head and its own table 4.73 / 2.44 (2.39 prepacked, the head 2.29 of it).
     So: packed copies ~1.1x, a shared original kept beside its copy, the largest initializer twice while it is
-    packed; then a KV cache, the window's log-probs and a chunk's logits (compress.runtimes.ort_genai)."""
+    packed; then a KV cache and a chunk's logits four times over: onnxruntime's output, genai's, the array
+    scored (compress.runtimes.ort_genai) and its exponentials."""
     from compress.runtimes.ort_genai import CHUNK
 
     held = int(1.1 * weights.prepacked) + 2 * weights.shared
     kv = 2 * shapes.layers * shapes.kv_heads * shapes.head_dim * seq_len * 4
-    running = held + kv + (seq_len + 3 * min(CHUNK, seq_len)) * shapes.vocab * 4
+    running = held + kv + 4 * min(CHUNK, seq_len) * shapes.vocab * 4
     return OVERHEAD + max(held + weights.largest, running) + weights.other // 64
 
 
@@ -237,8 +240,16 @@ def run_estimates(info, recipe, budget: int) -> dict[str, tuple[int, bool]]:
             stages[f"calibration, {variant.method} (layer by layer)"] = (needed, True)
         if "compressed-tensors" in variant.formats:
             stages["compressed-tensors checks (whole model in transformers)"] = (whole, False)
-        for fmt in {"gptq", "awq"} & set(variant.formats):  # checked through an int4 build, zero points as the folders keep
-            head_bits = _onnx_plan(info.config, variant).get("lm_head", KEEP)
-            weights = predicted_onnx_weights(shapes, variant.bits, variant.group_size, False, head_bits)
-            stages[f"{variant.name} ({fmt}) in onnxruntime-genai"] = (onnx_runtime(weights, shapes, evaluation.seq_len), False)
+        for fmt in {"gptq", "awq"} & set(variant.formats):
+            stages[f"{variant.name} ({fmt}) in onnxruntime-genai"] = (folder_check(info, variant, evaluation.seq_len), False)
     return stages
+
+
+def folder_check(info, variant, seq_len: int) -> int:
+    """onnxruntime-genai holding the int4 build a GPTQ v1 or AWQ folder is checked through (zero points as the
+    folders keep them, the head as the variant's plan leaves it: float32 where it stays float)."""
+    from compress.quantize.plan import KEEP
+
+    shapes = Shapes.from_info(info)
+    head_bits = _onnx_plan(info.config, variant).get("lm_head", KEEP)
+    return onnx_runtime(predicted_onnx_weights(shapes, variant.bits, variant.group_size, False, head_bits), shapes, seq_len)

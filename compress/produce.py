@@ -117,14 +117,19 @@ def _calibrated_artifacts(variant, recipe, info: ModelInfo, samples, run_dir: Pa
     artifacts = []
     for fmt in variant.formats:
         folder = space.staging(fmt)
+        skipped = {"cuda": (NOT_VERIFIED, f"the {fmt} folder is verified through an ONNX build for the CPU only")}
         if fmt == "compressed-tensors":
             shutil.copytree(calibrated, folder)
             artifacts.append(_artifact(variant, fmt, folder, folder, "transformers", details, {}))
             continue
         _writer(fmt)(calibrated, folder)
+        needed = memory.folder_check(info, variant, recipe.evaluation.seq_len)
+        if budget_bytes is not None and needed > budget_bytes:  # the check could not run: no build for it
+            why = f"checking the {fmt} folder (through an ONNX build, in onnxruntime-genai) {memory.describe(needed, budget_bytes)}"
+            artifacts.append(_artifact(variant, fmt, folder, folder, VIA_ONNX_BUILD, details, {**skipped, "cpu": (NOT_VERIFIED, why)}))
+            continue
         build = run_builder(folder, space.work(f"{fmt}-onnx-cpu"), "int4" if variant.bits == 4 else "int8", "cpu",
                             _exact_build_options(details["layer_plan"]), space.cache, space.work(f"{fmt}-onnx-cpu.log"))
-        skipped = {"cuda": (NOT_VERIFIED, f"the {fmt} folder is verified through an ONNX build for the CPU only")}
         artifacts.append(_artifact(variant, fmt, folder, build, VIA_ONNX_BUILD, details, skipped))
     return artifacts
 

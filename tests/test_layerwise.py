@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from compress import layerwise
 from compress.activations import Activations
 from compress.export.shards import ShardWriter
 from compress.layerwise import window_logprobs
@@ -44,10 +45,14 @@ def windows(count=3, length=96, seed=0):
 
 @pytest.mark.parametrize("spill", [False, True], ids=["in-memory", "spilled"])
 @pytest.mark.parametrize("which", ["fp32", "bf16"])
-def test_layer_sequential_forward_equals_a_plain_forward(which, spill, bf16_model, tmp_path):
+def test_layer_sequential_forward_equals_a_plain_forward(which, spill, bf16_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(layerwise, "BLOCK_ROWS", 40)  # the head in blocks of 40 rows: 95 positions are 40 + 40 + 15
     folder = TINY if which == "fp32" else bf16_model
     ids = windows()
-    ours = list(window_logprobs(folder, ids, budget_bytes=1 if spill else None, spill_dir=tmp_path if spill else None))
+    blocks = [list(window) for window in window_logprobs(folder, ids, budget_bytes=1 if spill else None,
+                                                         spill_dir=tmp_path if spill else None)]
+    assert [[len(block) for block in window] for window in blocks] == [[40, 40, 15]] * len(ids)
+    ours = [np.concatenate(window) for window in blocks]
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.inference_mode():
         reference = torch.log_softmax(model(torch.as_tensor(ids)).logits[:, :-1].float(), -1).numpy()

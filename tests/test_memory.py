@@ -46,7 +46,7 @@ calibration: {dataset: builtin:pydoc-calib, samples: 8, seq_len: 128, seed: 0}
 evaluation: {dataset: builtin:pydoc-eval, seq_len: 128, windows: 4, new_tokens: 8, generation_tokens: 8, sensitivity_samples: 0}
 targets: {cpu: {required: true}}
 variants:
-  - {name: gptq, method: gptq, bits: 4, group_size: 128, formats: [compressed-tensors]}
+  - {name: gptq, method: gptq, bits: 4, group_size: 128, formats: [compressed-tensors, gptq]}
   - {name: onnx, method: onnx-int4, from: gptq, group_size: 128, gates: {max_size_ratio: 1.0}}
 """
 
@@ -55,10 +55,12 @@ variants:
 def test_checks_that_do_not_fit_are_not_verified_and_what_fits_is_released(tmp_path, monkeypatch):
     """As on a 16 GB machine with Phi-4: transformers cannot hold the whole model (here: it is told it needs
     100 GiB), so the baseline's speed and the compressed-tensors check are not verified, with both figures;
-    the ONNX artifact is verified against the layer-by-layer baseline and released."""
+    nor is the GPTQ v1 folder, whose check graph is then not even built; the ONNX artifact is verified
+    against the layer-by-layer baseline and released."""
     from compress import pipeline
 
     monkeypatch.setattr(memory, "whole_model_cpu", lambda shapes, seq_len: 100 * memory.GIB)
+    monkeypatch.setattr(memory, "folder_check", lambda info, variant, seq_len: 90 * memory.GIB)
     (tmp_path / "recipe.yaml").write_text(RECIPE)
     recipe = load_recipe(tmp_path / "recipe.yaml")
     report = pipeline.run(recipe, str(tmp_path / "recipe.yaml"), tmp_path / "run", console=Console(width=200),
@@ -69,6 +71,11 @@ def test_checks_that_do_not_fit_are_not_verified_and_what_fits_is_released(tmp_p
     assert ct["targets"]["cpu"]["status"] == "not-verified"
     assert "needs 100.0 GiB, 8.0 GiB available" in " ".join(ct["targets"]["cpu"]["failures"])
     assert not ct["released"]
+    v1 = entry(report, "gptq", "gptq")
+    assert v1["targets"]["cpu"]["status"] == "not-verified" and not v1["released"]
+    assert "checking the gptq folder (through an ONNX build, in onnxruntime-genai) needs 90.0 GiB, 8.0 GiB available" in \
+        " ".join(v1["targets"]["cpu"]["failures"])
+    assert not (tmp_path / "run" / "work" / "gptq" / "gptq-onnx-cpu").exists()
     onnx = entry(report, "onnx", "onnx")
     assert onnx["released"], onnx["not_released_because"]
     metrics = onnx["targets"]["cpu"]["metrics"]

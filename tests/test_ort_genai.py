@@ -35,7 +35,9 @@ def test_chunked_window_equals_one_append(int4_folder, monkeypatch, length):
     monkeypatch.setattr(ort_genai, "CHUNK", 128)
     runtime = GenaiRuntime(int4_folder, "cpu", threads=2)
     windows = np.random.default_rng(0).integers(0, 4096, size=(2, length))
-    chunked = list(runtime.window_logprobs(windows))
+    blocks = [list(window) for window in runtime.window_logprobs(windows)]
+    assert [[len(block) for block in window] for window in blocks] == [{97: [96], 300: [128, 128, 43]}[length]] * 2
+    chunked = [np.concatenate(window) for window in blocks]
     assert [part.shape for part in chunked] == [(length - 1, 4096)] * 2
     for window, ours in zip(windows, chunked, strict=True):
         reference = _whole_window(runtime, window)

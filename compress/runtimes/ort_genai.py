@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from compress.verify.accuracy import BLOCK_ROWS
+
 PROVIDERS = {"cpu": None, "cuda": "cuda"}
-CHUNK = 128  # tokens per append_tokens while scoring a window
+CHUNK = BLOCK_ROWS  # tokens per append_tokens while scoring a window
 
 
 def session_threads(threads: int) -> dict:
@@ -42,25 +44,25 @@ class GenaiRuntime:
         params.set_search_options(max_length=max_length, do_sample=False)
         return self.og.Generator(self.model, params)
 
-    def window_logprobs(self, windows: np.ndarray) -> Iterator[np.ndarray]:
-        """Next-token log-probs for each window [seq_len] -> [seq_len - 1, V] float32, one window at a time.
+    def window_logprobs(self, windows: np.ndarray) -> Iterator[Iterator[np.ndarray]]:
+        """Next-token log-probs of each window [seq_len]: blocks of CHUNK rows [rows, V] float32, in order.
 
-        The window goes in `CHUNK` tokens at a time (each append runs on the cache the earlier ones left), so
-        onnxruntime's logits output, genai's copy of it and numpy's are a chunk's, not the window's: at
-        Phi-4-mini's vocabulary a 512-token window's logits are 0.4 GB and the whole-window form held several."""
+        The window goes in CHUNK tokens at a time (each append runs on the cache the earlier ones left), so
+        onnxruntime's logits output, genai's copy of it and numpy's are a chunk's, not the window's (at
+        Phi-4-mini's vocabulary a 512-token window's logits are 0.4 GB), and each is scored and let go
+        before the next is appended."""
         for window in windows:
-            generator = self._generator(len(window) + 1)
-            out = None
-            for start in range(0, len(window) - 1, CHUNK):
-                generator.append_tokens(window[None, start:start + CHUNK].astype(np.int32))
-                logits = np.asarray(generator.get_output("logits"), dtype=np.float32)[0, : len(window) - 1 - start]
-                if out is None:
-                    out = np.empty((len(window) - 1, logits.shape[-1]), dtype=np.float32)
-                rows = out[start:start + len(logits)]
-                np.subtract(logits, logits.max(axis=-1, keepdims=True), out=rows)
-                rows -= np.log(np.exp(rows).sum(axis=-1, keepdims=True))
-                del logits
-            yield out
+            yield self._window_blocks(window)
+
+    def _window_blocks(self, window: np.ndarray) -> Iterator[np.ndarray]:
+        generator = self._generator(len(window) + 1)
+        for start in range(0, len(window) - 1, CHUNK):
+            generator.append_tokens(window[None, start:start + CHUNK].astype(np.int32))
+            # get_output hands over a fresh float32 array of its own: normalised in place, no further copy
+            block = np.asarray(generator.get_output("logits"), dtype=np.float32)[0, : len(window) - 1 - start]
+            block -= block.max(axis=-1, keepdims=True)
+            block -= np.log(np.exp(block).sum(axis=-1, keepdims=True))
+            yield block
 
     def timed_generation(self, prompt: np.ndarray, new_tokens: int) -> tuple[float, float, list[int]]:
         """Greedy decode. -> (prefill seconds, seconds from first to last new token, tokens).

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from compress.verify.accuracy import BLOCK_ROWS
+
 
 class TorchRuntime:
     name = "transformers"
@@ -29,13 +31,12 @@ class TorchRuntime:
         self.model.eval()
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
 
-    def window_logprobs(self, windows: np.ndarray) -> Iterator[np.ndarray]:
-        """Next-token log-probs for each window [seq_len] -> [seq_len - 1, V] float32, one window at a time."""
-        with torch.inference_mode():
-            for window in windows:
-                ids = torch.as_tensor(window[None], device=self.device)
-                logits = self.model(ids).logits[0, :-1].float()
-                yield torch.log_softmax(logits, dim=-1).cpu().numpy()
+    def window_logprobs(self, windows: np.ndarray) -> Iterator[Iterator[np.ndarray]]:
+        """Next-token log-probs of each window [seq_len]: blocks of BLOCK_ROWS rows [rows, V] float32, in order."""
+        for window in windows:
+            with torch.inference_mode():
+                logits = self.model(torch.as_tensor(window[None], device=self.device)).logits[0, :-1]
+            yield (torch.log_softmax(block.float(), dim=-1).cpu().numpy() for block in logits.split(BLOCK_ROWS))
 
     def timed_generation(self, prompt: np.ndarray, new_tokens: int) -> tuple[float, float, list[int]]:
         """Greedy decode with the KV cache. -> (prefill seconds, seconds from first to last new token, tokens).

@@ -1,15 +1,20 @@
 """Accuracy figures from log-probabilities, as ../shared/METRICS.md defines them. Pure numpy, no I/O.
 
 Shapes: W windows, T scored positions per window (seq_len - 1), K reference tokens kept, V vocabulary.
+Runtimes give a window's log-probs a block of rows at a time (BLOCK_ROWS positions, [rows, V]), so no
+[T, V] array of a 200k vocabulary (0.8 GB at 1024 positions) is ever held whole.
 The baseline is summarised once as a `Reference` (its top-K log-probabilities per position plus what
 perplexity, top-1 and delta-p need); every artifact is then scored against it from its own log-probs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
+
+BLOCK_ROWS = 128  # positions per block of a window's log-probs, as every runtime yields them
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,10 @@ class Reference:
     def window(self, index: int) -> Reference:
         """The reference of one window: arrays [T, ...]."""
         return Reference(self.top_ids[index], self.top_logprobs[index], self.target_logprobs[index])
+
+    def rows(self, start: int, stop: int) -> Reference:
+        """Positions start:stop of a window's reference."""
+        return Reference(self.top_ids[start:stop], self.top_logprobs[start:stop], self.target_logprobs[start:stop])
 
     def as_arrays(self) -> dict[str, np.ndarray]:
         return {"top_ids": self.top_ids, "top_logprobs": self.top_logprobs, "target_logprobs": self.target_logprobs}
@@ -44,6 +53,25 @@ def make_reference(logprobs: np.ndarray, targets: np.ndarray, k: int) -> Referen
     top = np.take_along_axis(logprobs, top_ids, axis=-1)
     target = np.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
     return Reference(top_ids.astype(np.int32), top.astype(np.float32), target.astype(np.float32))
+
+
+def _join_rows(blocks: Iterable[np.ndarray], per_block: Callable[[int, int, np.ndarray], dict]) -> dict[str, np.ndarray]:
+    """per_block(start, stop, block) for each block of one window's rows, in order; its arrays joined."""
+    parts, start = [], 0
+    for block in blocks:
+        parts.append(per_block(start, start + len(block), block))
+        start += len(block)
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def window_reference(blocks: Iterable[np.ndarray], targets: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """make_reference's arrays for one window whose log-probs come in blocks of rows [rows, V]."""
+    return _join_rows(blocks, lambda start, stop, block: make_reference(block, targets[start:stop], k).as_arrays())
+
+
+def window_figures(reference: Reference, blocks: Iterable[np.ndarray], targets: np.ndarray) -> dict[str, np.ndarray]:
+    """position_figures of one window whose log-probs come in blocks of rows [rows, V] (reference: [T, ...])."""
+    return _join_rows(blocks, lambda start, stop, block: position_figures(reference.rows(start, stop), block, targets[start:stop]))
 
 
 def _log1mexp(log_mass: np.ndarray) -> np.ndarray:

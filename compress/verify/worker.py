@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compress.verify.accuracy import Reference, make_reference, perplexity, position_figures, summarise
+from compress.verify.accuracy import Reference, perplexity, summarise, window_figures, window_reference
 from compress.verify.cpu_share import CpuShare
 from compress.verify.speed import measure_speed
 from compress.verify.targets import device_for, prepare
@@ -120,16 +120,17 @@ def _run(job: dict):
 
 
 def _accuracy(job: dict, logprobs, targets: np.ndarray) -> dict:
-    """Write the top-k reference (the baseline) or score against it (an artifact)."""
+    """Write the top-k reference (the baseline) or score against it (an artifact). `logprobs` gives each
+    window's log-probs as blocks of rows (compress.verify.accuracy.BLOCK_ROWS positions each)."""
     if job.get("write_reference"):
-        parts = [make_reference(window, target, job["top_k"]).as_arrays() for window, target in zip(logprobs, targets, strict=True)]
+        parts = [window_reference(blocks, target, job["top_k"]) for blocks, target in zip(logprobs, targets, strict=True)]
         reference = Reference(**_stack(parts))
         np.savez(job["write_reference"], **reference.as_arrays())
         ppl, nll_se = perplexity(reference.target_logprobs)
         return {"ppl": ppl, "nll_se": nll_se}
     with np.load(job["reference"]) as stored:
         reference = Reference(**{key: stored[key] for key in ("top_ids", "top_logprobs", "target_logprobs")})
-    parts = [position_figures(reference.window(index), window, targets[index]) for index, window in enumerate(logprobs)]
+    parts = [window_figures(reference.window(index), blocks, targets[index]) for index, blocks in enumerate(logprobs)]
     return summarise(reference, _stack(parts))
 
 
