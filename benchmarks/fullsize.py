@@ -134,11 +134,43 @@ def _compress_run(recipe_text: str, model: Path, name: str, timeout: float | Non
         row["estimate_mb"] = _onnx_estimate_mb(folder / "run", row, model)
     measured["stage_seconds"] = _stage_seconds(Path(measured["log"]).read_text(errors="replace"))
     measured["baseline_layerwise_rss_mb"] = _baseline_layerwise_rss(folder / "run")
+    measured["estimates"] = estimates_vs_measured(measured, folder / "recipe.yaml", model, budget_gib)
     measured["calibration"] = {path.parent.name: {k: v for k, v in json.loads(path.read_text()).items() if k in ("seconds", "layers_seconds")}
                                for path in (folder / "run" / "work").glob("*/calibration.json")}
     for heavy in ("release", "staging", "work"):  # ~11 GB a run at Phi-4 width; the report, logs and results stay
         shutil.rmtree(folder / "run" / heavy, ignore_errors=True)
     return measured
+
+
+def estimates_vs_measured(measured: dict, recipe_file: Path, model: Path, budget_gib: float) -> list[dict]:
+    """Preflight's estimate of each stage beside the peak measured for it: the baseline worker's own peak after its
+    layer-by-layer pass and its whole (the tree's less the main process's share), the main process's (calibration),
+    the builder's (likewise), each verification worker's own (from the report). Stages that did not fit did not run."""
+    from compress import memory
+    from compress.model import inspect_model
+    from compress.recipe import load_recipe
+
+    estimates = memory.run_estimates(inspect_model(str(model)), load_recipe(recipe_file), int(budget_gib * GIB))
+    peaks, mains = measured["peak_by_stage_mb"], measured.get("main_process_at_stage_peak_mb", {})
+    workers = {(row["name"], row["format"]): row.get("peak_rss_mb") for row in measured.get("report") or []}
+    rows = []
+    for stage, (needed, _) in estimates.items():
+        if stage.startswith("baseline accuracy"):
+            peak = measured.get("baseline_layerwise_rss_mb")
+        elif stage.startswith("calibration,"):
+            peak = peaks[STAGES[0]]
+        elif stage.startswith("ONNX build"):
+            peak = peaks[STAGES[2]] - mains.get(STAGES[2], 0) or None
+        elif stage.endswith(" in onnxruntime-genai"):
+            name, _, fmt = stage.removesuffix(" in onnxruntime-genai").partition(" (")
+            peak = workers.get((name, fmt.rstrip(")") or "onnx"))
+        elif stage.startswith("compressed-tensors checks"):
+            peak = max((mb for (_, fmt), mb in workers.items() if fmt == "compressed-tensors" and mb), default=None)
+        else:  # the baseline's worker, with the whole model where it fits
+            peak = peaks[STAGES[1]] - mains.get(STAGES[1], 0) or None
+        if needed <= budget_gib * GIB and peak:
+            rows.append({"stage": stage, "estimate_gib": round(needed / GIB, 2), "measured_gib": round(peak / 1024, 2)})
+    return rows
 
 
 def _onnx_estimate_mb(run: Path, row: dict, model: Path) -> float | None:
@@ -293,6 +325,17 @@ def run(depths=DEPTHS, with_rehearsal: bool = True, deadline: float | None = Non
     return results
 
 
+def _estimate_ratios(rows: list[dict]) -> list[str]:
+    """Preflight's estimate ÷ the measured peak, a row per stage and a column per depth."""
+    if not rows:
+        return []
+    stages = list(dict.fromkeys(pair["stage"] for row in rows for pair in row["estimates"]))
+    ratios = [{pair["stage"]: pair["estimate_gib"] / pair["measured_gib"] for pair in row["estimates"]} for row in rows]
+    return ["", "Preflight's estimate ÷ measured peak (target 0.75-1.25):", "",
+            "| stage | " + " | ".join(f"{row['layers']} layers" for row in rows) + " |", "|---|" + "---:|" * len(rows),
+            *(f"| {stage} | " + " | ".join(f"{ratio[stage]:.2f}" if stage in ratio else "—" for ratio in ratios) + " |" for stage in stages)]
+
+
 def markdown(results: dict) -> list[str]:
     """The report section: peak by depth and stage, the fitted growth, the rehearsal, the prediction."""
     lines = ["## Full size: memory of `compress run` by depth and stage", "",
@@ -309,6 +352,7 @@ def markdown(results: dict) -> list[str]:
         lines.append(f"| {row['layers']} | {row['stored_bytes'] / GIB:.2f} | {row['peak_tree_rss_mb'] / 1024:.2f} | "
                      + " | ".join(f"{row['peak_by_stage_mb'][stage] / 1024:.2f}" for stage in STAGES)
                      + f" | {row['seconds']:.0f} | {sum(per_layer) / max(len(per_layer), 1):.0f} | {row['others_cpu']:.2f} |")
+    lines += _estimate_ratios([row for row in results["depth"]["rows"] if row.get("estimates")])
     fits = results["depth"].get("fits") or {}
     if fits:
         lines += ["", f"Growth per added layer (one layer stores {fits['layer_stored_mb']} MiB; target ≤ 10%):", ""]
@@ -325,6 +369,12 @@ def markdown(results: dict) -> list[str]:
                   + ", ".join(f"{stage} {mb / 1024:.2f}" + _main_share(rehearsal, stage) for stage, mb in rehearsal["peak_by_stage_mb"].items())
                   + f". Run with `--max-memory {rehearsal.get('budget_gib', BUDGET_GIB)}`.", "",
                   "Stage times (s): " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in rehearsal["stage_seconds"].items()), ""]
+        if rehearsal.get("estimates"):
+            lines += ["Preflight's estimate of each stage that ran beside its measured peak (the ONNX builds: the largest):", "",
+                      "| stage | estimate GiB | measured GiB | estimate ÷ measured |", "|---|---:|---:|---:|"]
+            lines += [f"| {row['stage']} | {row['estimate_gib']:.2f} | {row['measured_gib']:.2f} | "
+                      f"{row['estimate_gib'] / row['measured_gib']:.2f} |" for row in rehearsal["estimates"]]
+            lines.append("")
         for row in rehearsal.get("report") or []:
             measured = row.get("peak_rss_mb")
             estimate = row.get("estimate_mb")

@@ -220,3 +220,28 @@ def test_fullsize_attributes_memory_to_stages_and_reads_stage_times():
            "peak_by_stage_mb": dict.fromkeys(STAGES, 1024), "calibration": {"gptq": {"layers_seconds": [5.0]}}}
     text = "\n".join(markdown({"budget_gib": 16, "depth": {"rows": [row, {"layers": 8, "skipped": "time budget"}], "fits": {}}}))
     assert "| 1 | 1.00 | 2.00 | 1.00 | 1.00 | 1.00 | 1.00 | 10 | 5 | 0.00 |" in text and "skipped: time budget" in text
+
+
+def test_fullsize_sets_each_stage_estimate_beside_the_peak_measured_for_it(tmp_path):
+    from benchmarks.fullsize import STAGES, estimates_vs_measured
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("""
+name: pairs
+model: builtin:tiny-phi4-mini
+calibration: {dataset: builtin:pydoc-calib, samples: 8, seq_len: 128, seed: 0}
+evaluation: {dataset: builtin:pydoc-eval, seq_len: 128, windows: 4}
+targets: {cpu: {required: true}}
+variants:
+  - {name: gptq, method: gptq, bits: 4, group_size: 128, formats: [compressed-tensors, gptq]}
+  - {name: onnx, method: onnx-int4, from: gptq, group_size: 128}
+""")
+    measured = {"peak_by_stage_mb": {STAGES[0]: 3072, STAGES[1]: 2500, STAGES[2]: 5120, STAGES[3]: 4000},
+                "main_process_at_stage_peak_mb": {STAGES[1]: 500, STAGES[2]: 1024}, "baseline_layerwise_rss_mb": 2048,
+                "report": [{"name": "onnx", "format": "onnx", "peak_rss_mb": 1536}, {"name": "gptq", "format": "gptq", "peak_rss_mb": 1024},
+                           {"name": "gptq", "format": "compressed-tensors", "peak_rss_mb": 2560}]}
+    rows = {row["stage"]: row["measured_gib"] for row in estimates_vs_measured(measured, recipe, "builtin:tiny-phi4-mini", 12)}
+    # the builder's and the baseline's peaks less the main process beside them; each worker by its artifact
+    assert rows == {"baseline accuracy (layer by layer)": 2.0, "baseline speed and generations (whole model in transformers)": 1.95,
+                    "calibration, gptq (layer by layer)": 3.0, "compressed-tensors checks (whole model in transformers)": 2.5,
+                    "ONNX build, onnx-int4": 4.0, "onnx in onnxruntime-genai": 1.5, "gptq (gptq) in onnxruntime-genai": 1.0}
