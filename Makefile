@@ -37,7 +37,7 @@ browser:
 	  echo "chromium not installed: the browser test will be skipped"
 
 test: lint browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 fast-test: install
 	$(PY) -m pytest -q -m "not slow"
