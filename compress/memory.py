@@ -164,16 +164,21 @@ def onnx_runtime(weights: OnnxWeights, shapes: Shapes, seq_len: int) -> int:
 
 
 def onnx_build(shapes: Shapes, method: str, from_float: bool = False, head_rounded: bool = True) -> int:
-    """The ONNX GenAI builder's peak (measured 2026-12-02, benchmarks/fullsize.py and builder probes).
+    """The ONNX GenAI builder's peak.
 
     From a quantized folder (`-i`) it runs through compress.export.builder_stream, one decoder layer at a
     time: the embedding table and an untied head stay loaded in their stored dtype while it unpacks and
-    repacks one layer (~7 bytes per layer parameter); after the layers it reads a float head back whole
-    (float32) to save it, or rounds it in column slices read from its spill file beside the loaded tables
-    (measured with the head at int8: 4.0-4.2 GiB at Phi-4 width, 1-8 layers; 3.4 GiB at Phi-4-mini's exact
-    shape; benchmarks/builder.py, 2026-12-03). From the float checkpoint it casts every weight to float32 in one in-memory graph (~5.3
-    bytes per parameter) plus the head's rounding; int8 also keeps a float32 embedding table. int8-dynamic
-    holds the builder's float32 graph while quantize_dynamic rewrites it."""
+    repacks one layer (~7 bytes per layer parameter). After the layers it rounds a float head in column
+    slices read from its spill file (each slice ~5 float32 copies in the rounding pass, the int8 slices kept
+    and joined); every spilled initializer is saved a chunk at a time. Measured 2026-12-04 at Phi-4-mini's
+    width, 2 layers (tests' shapes aside): 2.2 GiB for int4 with an int8 head, int8, and a float head alike,
+    the layer phase being the peak (it was 5.7 GiB for int8 while a tied table went through the rounding pass,
+    and 3.5 for int4 while rounded slices waited for the garbage collector). From the float checkpoint it
+    casts every weight to float32 in one in-memory graph (~5.3 bytes per parameter) plus the head's rounding;
+    int8 also keeps a float32 embedding table. int8-dynamic holds the builder's float32 graph while
+    quantize_dynamic rewrites it."""
+    from compress.export.builder_stream import SLICE_BYTES
+
     head = 4 * shapes.vocab * shapes.hidden
     if method == "onnx-int8-dynamic":
         return OVERHEAD + 8 * shapes.parameters
@@ -181,7 +186,8 @@ def onnx_build(shapes: Shapes, method: str, from_float: bool = False, head_round
         return OVERHEAD + int(5.3 * shapes.parameters) + 2 * head + (head if method == "onnx-int8" else 0)
     tables = shapes.table_bytes * (1 if shapes.tied else 2)
     layers = tables + 7 * shapes.layer_parameters
-    return OVERHEAD + max(layers, tables + head if head_rounded else head)
+    rounding = 2 * shapes.vocab * shapes.hidden + 5 * SLICE_BYTES if head_rounded else 0
+    return OVERHEAD + max(layers, rounding)
 
 
 def give_back_freed_memory() -> None:

@@ -78,3 +78,5 @@ def test_layer_by_layer_builder_writes_the_builders_own_graph(tmp_path, monkeypa
     assert streamed[2] == plain[2]
     assert any(node[0] == "MatMulNBits" for node in plain[0].values())
     assert not list((tmp_path / "cache").glob("initializers-*.bin"))  # the spill file is gone
+    # A tied table at 8 bits stays out of the rounding pass (which would leave it as it is after copying it).
+    assert ("Not rounding /model/embed_tokens/Gather" in (tmp_path / "builder_stream.log").read_text()) == (tied and bits == 8)
