@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from compress.export.repack import GPTQ_BITS, QuantizedLinear, pack_gptq_v1, unpack_compressed_tensors
+from compress.tensors import TensorFolder
 
 # Files a runnable folder needs besides weights and config.json.
 CARRIED_PATTERNS = (
@@ -67,10 +67,10 @@ def _tensor_files(ct_folder: Path) -> list[str]:
     return files
 
 
-def _layer(handles: dict, where: dict[str, str], module: str, scheme: Scheme) -> QuantizedLinear:
+def _layer(folder: TensorFolder, module: str, scheme: Scheme) -> QuantizedLinear:
     def read(part: str):
         name = f"{module}.{part}"
-        return handles[where[name]].get_tensor(name) if name in where else None
+        return folder.tensor(name) if name in folder else None
 
     scale = read("weight_scale").float().numpy()
     zero_point = read("weight_zero_point")
@@ -85,7 +85,6 @@ def repack_folder(ct_folder: Path, out: Path, pack: Callable[[QuantizedLinear], 
     """Write `out`: every quantized Linear as `pack` lays it out, every other tensor unchanged, config.json
     with `quantization_config`, and the tokenizer and generation files. Shards keep their names."""
     import torch
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     ct_folder, out = Path(ct_folder), Path(out)
@@ -94,26 +93,27 @@ def repack_folder(ct_folder: Path, out: Path, pack: Callable[[QuantizedLinear], 
     files = _tensor_files(ct_folder)
     out.mkdir(parents=True, exist_ok=True)
     weight_map, total_bytes = {}, 0
-    with ExitStack() as stack:
-        handles = {file: stack.enter_context(safe_open(ct_folder / file, framework="pt")) for file in files}
-        where = {name: file for file, handle in handles.items() for name in handle.keys()}
-        modules = {name.removesuffix(".weight_packed") for name in where if name.endswith(".weight_packed")}
-        for name in where:
+    # Plain reads (TensorFolder), not safetensors' memory map: mapped pages stay resident once touched, and a
+    # map held over the whole folder grew the writer by the folder's size (2.7 GB at Phi-4-mini's shape).
+    folder = TensorFolder(ct_folder)
+    modules = {name.removesuffix(".weight_packed") for name in folder.keys() if name.endswith(".weight_packed")}
+    for name in folder.keys():
+        module, _, part = name.rpartition(".")
+        if module in modules and part.startswith(QUANTIZATION_PREFIXES) and part not in LAYER_PARTS:
+            raise ValueError(f"{name}: a quantized Linear with a {part} tensor cannot be repacked (act-order or an unsupported scheme)")
+    for file in files:
+        tensors = {}
+        for name in [name for name in folder.keys() if folder.file_of(name).name == file]:
             module, _, part = name.rpartition(".")
-            if module in modules and part.startswith(QUANTIZATION_PREFIXES) and part not in LAYER_PARTS:
-                raise ValueError(f"{name}: a quantized Linear with a {part} tensor cannot be repacked (act-order or an unsupported scheme)")
-        for file, handle in handles.items():
-            tensors = {}
-            for name in handle.keys():
-                module, _, part = name.rpartition(".")
-                if module not in modules or part not in LAYER_PARTS:  # bias and unquantized tensors
-                    tensors[name] = handle.get_tensor(name)
-                elif part == "weight_packed":
-                    packed = pack(_layer(handles, where, module, scheme))
-                    tensors.update({f"{module}.{key}": torch.from_numpy(value) for key, value in packed.items()})
-            save_file(tensors, out / file, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(tensors, file))
-            total_bytes += sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+            if module not in modules or part not in LAYER_PARTS:  # bias and unquantized tensors
+                tensors[name] = folder.tensor(name)
+            elif part == "weight_packed":
+                packed = pack(_layer(folder, module, scheme))
+                tensors.update({f"{module}.{key}": torch.from_numpy(value) for key, value in packed.items()})
+        save_file(tensors, out / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file))
+        total_bytes += sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+        del tensors
     if (ct_folder / INDEX_FILE).is_file():
         index = json.loads((ct_folder / INDEX_FILE).read_text())
         metadata = {**index.get("metadata", {}), "total_size": total_bytes}
