@@ -197,3 +197,20 @@ def test_llm_compressor_calibrates_with_bidirectional_attention_and_streaming_wi
     assert torch.equal(_o_proj_codes(samples, causal=False), _read(whole)[name])
     assert torch.equal(_o_proj_codes(samples, causal=True), _read(streamed)[name])
     assert not torch.equal(_read(streamed)[name], _read(whole)[name])
+
+
+@pytest.mark.parametrize("bits, group, symmetric", [(4, 128, True), (4, 32, False), (8, 128, True), (4, -1, True)])
+def test_integer_codes_row_by_row_equal_compressed_tensors_whole(bits, group, symmetric, monkeypatch):
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+
+    from compress.quantize import rounding
+
+    monkeypatch.setattr(rounding, "CODES_CHUNK", 4096)  # two rows of 512 float32 at a time: 150 chunks
+    weight = torch.randn(300, 512, generator=torch.Generator().manual_seed(0)) * 0.05
+    args = rounding.weight_args(bits, group, symmetric)
+    scale, zero = rounding.minmax_qparams(weight, args, torch.bfloat16)
+    on_grid = rounding.fake_quantize(weight, scale, zero, args)
+    codes = rounding.integer_codes(on_grid, scale, zero, args)
+    assert codes.dtype == torch.int8
+    assert torch.equal(codes, quantize(on_grid, scale, zero, args, dtype=torch.int8))
+    assert codes.abs().max() > 0

@@ -39,11 +39,25 @@ def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     return ct_fake_quantize(weight, scale, zero, args)
 
 
+CODES_CHUNK = 64 << 20  # bytes of float32 rows rounded at a time
+
+
 def integer_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args) -> torch.Tensor:
-    """The signed integer codes of `weight` on the grid (exact for weights already on it). int8 [out, in]."""
+    """The signed integer codes of `weight` on the grid (exact for weights already on it). int8 [out, in].
+
+    Rows go through compressed-tensors' quantize CODES_CHUNK at a time (each row's groups are its own): whole,
+    its float32 temporaries of a Phi-4 gate_up_proj (0.7 GB each) were one of layer-by-layer GPTQ's high points."""
     from compressed_tensors.quantization.lifecycle.forward import quantize
 
-    return quantize(weight, scale, zero, args, dtype=torch.int8)
+    if scale.dim() != 2 or scale.shape[0] != weight.shape[0]:
+        return quantize(weight, scale, zero, args, dtype=torch.int8)
+    codes = torch.empty(weight.shape, dtype=torch.int8)
+    rows = max(1, CODES_CHUNK // (4 * weight.shape[1]))
+    for start in range(0, weight.shape[0], rows):
+        stop = start + rows
+        codes[start:stop] = quantize(weight[start:stop], scale[start:stop], None if zero is None else zero[start:stop],
+                                     args, dtype=torch.int8)
+    return codes
 
 
 def packed_tensors(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args,

@@ -182,7 +182,7 @@ def _hessians(model: LayerwiseModel, block, inputs, modules: dict) -> dict[str, 
     finally:
         for handle in handles:
             handle.remove()
-    return {name: hessian / count for name, (hessian, count) in sums.items()}
+    return {name: hessian.div_(count) for name, (hessian, count) in sums.items()}  # in place: 1.3 GB less for down_proj
 
 
 def _quantize_linear(module: torch.nn.Linear, args, hessian: torch.Tensor | None, variant, stored: torch.dtype) -> dict:
