@@ -43,7 +43,6 @@ class _Spill:
     def __init__(self, path: Path):
         self.path = path
         self.handle = path.open("w+b")
-        self.where: dict[int, tuple[int, ir.TensorProtocol]] = {}  # id(lazy tensor) -> (offset, lazy tensor)
 
     def keep(self, tensor: ir.TensorProtocol, source=None, cast=None) -> ir.TensorProtocol:
         """`tensor` written out; `source` and `cast`: the torch tensor and dtype it is the cast of, written
@@ -72,7 +71,6 @@ class _Spill:
 
         lazy = _Spilled(read, dtype=dtype, shape=shape, name=name)
         lazy.spilled = (self, offset, length)
-        self.where[id(lazy)] = (offset, lazy)
         return lazy
 
     def copy_to(self, file, offset: int, length: int) -> None:
@@ -84,9 +82,9 @@ class _Spill:
             file.write(chunk)
             done += len(chunk)
 
-    def columns(self, tensor: ir.TensorProtocol, start: int, stop: int) -> np.ndarray:
+    def columns(self, tensor: _Spilled, start: int, stop: int) -> np.ndarray:
         """Columns [start, stop) of a spilled 2-D tensor, read row by row (the whole tensor never in memory)."""
-        offset, _ = self.where[id(tensor)]
+        _, offset, _ = tensor.spilled
         rows, width = tensor.shape.numpy()
         dtype = np.dtype(tensor.dtype.numpy())
         out = np.empty((rows, stop - start), dtype)
@@ -203,7 +201,7 @@ def _round_in_slices(builder, node: ir.Node, round_all) -> ir.Model | None:
     if weight is None or weight.const_value is None or len(weight.const_value.shape) != 2:
         return None
     tensor = weight.const_value
-    if tensor.nbytes <= SLICE_BYTES or tensor.dtype not in FLOATS or id(tensor) not in builder.spill.where:
+    if tensor.nbytes <= SLICE_BYTES or tensor.dtype not in FLOATS or not isinstance(tensor, _Spilled):
         return None
     rows, columns = tensor.shape.numpy()
     step = max(1, SLICE_BYTES // (rows * int(tensor.dtype.itemsize)))
