@@ -91,18 +91,28 @@ def baseline_accuracy(shapes: Shapes, windows: int, seq_len: int, budget: int) -
 
 
 def calibration(shapes: Shapes, method: str, samples: int, seq_len: int, budget: int) -> int:
-    """Streaming calibration of one layer: the layer read as stored and in float32, three float32 copies of its
-    largest linear while it is rounded (weight, rounded weight, codes), the forward over the calibration
-    windows (not for RTN), plus GPTQ's Hessians (one per linear of the block, float32) and a working copy of
-    the largest, or AWQ's Gram matrices. Measured at Phi-4 width: RTN 4.5 GiB (estimate 4.6)."""
+    """Streaming calibration of one layer: the layer read as stored and in float32, then the largest of its
+    steps, each beside the statistics the method keeps (GPTQ's Hessians, one float32 per linear of the block;
+    AWQ's Gram matrices): the forward over the calibration windows (not for RTN); rounding the largest linear
+    (three float32 copies: weight, rounded weight, codes); for GPTQ, llm-compressor's quantize_weight on
+    down_proj (its Hessian and the act-order permuted copy, three float32 copies of the weight). AWQ's search
+    runs beside the forward (not yet measured at Phi-4 width: issue 12). The table term is the embedding
+    written into the quantized folder beside the one read. Measured at Phi-4 width, one layer, 8x256 tokens:
+    RTN 4.5 GiB (estimate 4.6), GPTQ 6.04 (estimate 6.1, its peak inside quantize_weight on down_proj);
+    Phi-4-mini's shape, 8x512: GPTQ 2.12 (estimate 2.2)."""
     largest_in = max(shapes.hidden, shapes.intermediate)
     largest_linear = 2 * shapes.intermediate * shapes.hidden  # gate_up_proj
-    statistics = 4 * (3 * shapes.hidden ** 2 + shapes.intermediate ** 2)
-    gptq = statistics + 4 * largest_in ** 2 if "gptq" in method else 0
-    awq = statistics + 2 * 4 * shapes.intermediate * largest_in if "awq" in method else 0
+    hessians = 4 * (3 * shapes.hidden ** 2 + shapes.intermediate ** 2) if "gptq" in method else 0
+    grams = 4 * (3 * shapes.hidden ** 2 + shapes.intermediate ** 2) + 2 * 4 * shapes.intermediate * largest_in if "awq" in method else 0
+    rounding = 3 * 4 * largest_linear
     forward = 0 if method == "rtn" else LAYER_BATCH + _hidden_states(samples, seq_len, shapes.hidden, budget)
-    layer = OVERHEAD + (4 + shapes.element_bytes) * shapes.layer_parameters + 3 * 4 * largest_linear
-    return max(layer + forward + gptq + awq, OVERHEAD + 2 * shapes.table_bytes)
+    steps = max(forward + hessians, rounding + hessians)
+    if "gptq" in method:
+        steps = max(steps, 2 * 4 * largest_in ** 2 + 3 * 4 * shapes.intermediate * shapes.hidden)
+    if "awq" in method:
+        steps = forward + rounding + grams + hessians
+    layer = OVERHEAD + (4 + shapes.element_bytes) * shapes.layer_parameters
+    return max(layer + steps, OVERHEAD + shapes.table_bytes)
 
 
 def whole_model_cpu(shapes: Shapes, seq_len: int) -> int:
