@@ -64,9 +64,7 @@ class _Spill:
         def read():
             self.handle.flush()
             data = np.empty(length, np.uint8)
-            view, done = memoryview(data), 0
-            while done < length:  # one read returns at most 2 GiB
-                done += os.preadv(self.handle.fileno(), [view[done:]], offset + done)
+            _read_into(self.handle.fileno(), memoryview(data), offset)
             return _from_bytes(data, dtype, shape, name)
 
         lazy = _Spilled(read, dtype=dtype, shape=shape, name=name)
@@ -76,11 +74,11 @@ class _Spill:
     def copy_to(self, file, offset: int, length: int) -> None:
         """Bytes [offset, offset + length) of the spill written to `file`, CHUNK at a time."""
         self.handle.flush()
-        done = 0
-        while done < length:
-            chunk = os.pread(self.handle.fileno(), min(self.CHUNK, length - done), offset + done)
+        buffer = memoryview(bytearray(min(self.CHUNK, length)))
+        for done in range(0, length, self.CHUNK):
+            chunk = buffer[:min(self.CHUNK, length - done)]
+            _read_into(self.handle.fileno(), chunk, offset + done)
             file.write(chunk)
-            done += len(chunk)
 
     def columns(self, tensor: _Spilled, start: int, stop: int) -> np.ndarray:
         """Columns [start, stop) of a spilled 2-D tensor, read row by row (the whole tensor never in memory)."""
@@ -90,15 +88,22 @@ class _Spill:
         out = np.empty((rows, stop - start), dtype)
         self.handle.flush()
         for row in range(rows):
-            buffer = memoryview(out[row]).cast("B")
-            position, done = offset + (row * width + start) * dtype.itemsize, 0
-            while done < len(buffer):
-                done += os.preadv(self.handle.fileno(), [buffer[done:]], position + done)
+            _read_into(self.handle.fileno(), memoryview(out[row]).cast("B"), offset + (row * width + start) * dtype.itemsize)
         return out
 
     def close(self) -> None:
         self.handle.close()
         self.path.unlink(missing_ok=True)
+
+
+def _read_into(fd: int, buffer: memoryview, position: int) -> None:
+    """`buffer` filled from `fd` at `position` (one read returns at most 2 GiB)."""
+    done = 0
+    while done < len(buffer):
+        read = os.preadv(fd, [buffer[done:]], position + done)
+        if not read:
+            raise EOFError(f"spill file ends {len(buffer) - done} bytes short at {position + done}")
+        done += read
 
 
 class _Spilled(ir.LazyTensor):
