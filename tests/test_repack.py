@@ -24,7 +24,7 @@ from compressed_tensors.quantization.utils.helpers import calculate_qparams
 from safetensors.torch import load_file, save_file
 
 from compress.export.awq_gemm import write_awq_gemm
-from compress.export.gptq_v1 import write_gptq_v1
+from compress.export.gptq_v1 import repack_folder, write_gptq_v1
 from compress.export.repack import (
     QuantizedLinear,
     dequantize,
@@ -150,6 +150,14 @@ def test_awq_gemm_refuses_8_bit():
     linear, _, _ = ct_layer(8, 32, True)
     with pytest.raises(ValueError, match="4-bit weights only"):
         pack_awq_gemm(linear)
+
+
+def test_repack_refuses_a_folder_without_tensors(tmp_path):
+    (tmp_path / "ct").mkdir()
+    (tmp_path / "ct" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="no .safetensors files"):
+        repack_folder(tmp_path / "ct", tmp_path / "out", pack_gptq_v1, {}, None)
+    assert not (tmp_path / "out").exists()  # nothing half-written
 
 
 def hand_layer(codes: list[list[int]], zeros: list[list[int]]) -> QuantizedLinear:

@@ -60,13 +60,6 @@ def read_scheme(ct_folder: Path) -> Scheme:
     return schemes.pop()
 
 
-def _tensor_files(ct_folder: Path) -> list[str]:
-    files = sorted(path.name for path in ct_folder.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{ct_folder} has no .safetensors files")
-    return files
-
-
 def _layer(folder: TensorFolder, module: str, scheme: Scheme) -> QuantizedLinear:
     def read(part: str):
         name = f"{module}.{part}"
@@ -90,12 +83,14 @@ def repack_folder(ct_folder: Path, out: Path, pack: Callable[[QuantizedLinear], 
     ct_folder, out = Path(ct_folder), Path(out)
     if out.resolve() == ct_folder.resolve():
         raise ValueError("the output folder must differ from the compressed-tensors folder")
-    files = _tensor_files(ct_folder)
-    out.mkdir(parents=True, exist_ok=True)
-    weight_map, total_bytes = {}, 0
     # Plain reads (TensorFolder), not safetensors' memory map: mapped pages stay resident once touched, and a
     # map held over the whole folder grew the writer by the folder's size (2.7 GB at Phi-4-mini's shape).
     folder = TensorFolder(ct_folder)
+    if not folder.files:
+        raise ValueError(f"{ct_folder} has no .safetensors files")
+    files = [path.name for path in folder.files]
+    out.mkdir(parents=True, exist_ok=True)
+    weight_map, total_bytes = {}, 0
     modules = {name.removesuffix(".weight_packed") for name in folder.keys() if name.endswith(".weight_packed")}
     for name in folder.keys():
         module, _, part = name.rpartition(".")
