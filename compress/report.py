@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from rich.console import Console
@@ -224,13 +225,17 @@ def awq_mapping_lines(report: dict) -> list[str]:
             continue
         seen.add(variant["name"])
         clip = awq.get("clip") or {}
+        search = awq.get("search_seconds") or []
         lines += ["", f"### {variant['name']}: {'Phi-aware' if awq.get('search') == 'phi' else 'llm-compressor'} AWQ, "
-                      f"n_grid {awq.get('n_grid')}", ""]
+                      f"n_grid {awq.get('n_grid')}"
+                      + (f", search {statistics.median(search):.1f} s per layer (median of {len(search)})" if search else ""), ""]
         if awq.get("applied"):
-            lines += ["| mapping | form | α | error ÷ RTN's | consumer range kept (clip) |", "|---|---|---:|---:|---:|"]
+            lines += ["| mapping | form | α | error ÷ RTN's | Gram trace in the search's sketch | consumer range kept (clip) |",
+                      "|---|---|---:|---:|---:|---:|"]
             for item in awq["applied"]:
                 kept = clip.get(item.get("consumer"))
-                lines.append(f"| {item['mapping']} | {item['form']} | {item['alpha']:.2f} | {item['error_vs_rtn']:.3f} | "
+                sketch = f"{item['trace_kept']:.3f} (rank {item['rank']})" if "trace_kept" in item else "—"
+                lines.append(f"| {item['mapping']} | {item['form']} | {item['alpha']:.2f} | {item['error_vs_rtn']:.3f} | {sketch} | "
                              f"{'—' if kept is None else f'{kept:.3f}'} |")
         lines += [f"- skipped: {reason}" for reason in awq.get("skipped") or []]
     return (["", "## AWQ mappings"] + lines) if lines else []

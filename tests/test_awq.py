@@ -3,6 +3,7 @@ stock AWQ at 4 and 3 bits by more than twice the combined standard error, applie
 scales, and its weights carry into an ONNX int4 graph."""
 
 import math
+import statistics
 
 import pytest
 from conftest import entry, run_recipe
@@ -59,6 +60,12 @@ def test_every_mapping_is_applied_and_its_scales_are_kept(run):
     markdown = (out / "report.md").read_text()
     assert "Phi-aware AWQ applied 16 mapping(s)" in markdown
     assert all(f"| {item['mapping']} |" in markdown for item in awq["applied"])  # every mapping, listed
+    assert len(awq["search_seconds"]) == 4 and all(seconds > 0 for seconds in awq["search_seconds"])
+    assert f"search {statistics.median(awq['search_seconds']):.1f} s per layer (median of 4)" in markdown
+    # the embedded model's 128-wide inputs fit the search's sketch whole; down_proj's 512 go through 128 directions
+    assert all(item["rank"] == 128 for item in awq["applied"])
+    assert all(0.5 < item["trace_kept"] < 0.999 if "down_proj" in item["mapping"] else item["trace_kept"] > 0.9999
+               for item in awq["applied"])
     assert "- skipped: model.layers.0.self_attn.qkv_proj: incompatible balance layers" in markdown
     stock = entry(report, "awq-stock-w4", "compressed-tensors")["awq_skipped_mappings"]
     assert len(stock) == 4 and all("qkv_proj" in line for line in stock)  # what issue 7 was about

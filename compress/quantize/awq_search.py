@@ -127,7 +127,7 @@ def search_layer(model, in_layer: list[Mapping], stats: dict[str, Statistics], p
         scales[mapping.label] = scale.cpu()
         column_scales[mapping.consumer] = scale[torch.as_tensor(columns)]
         applied.append({"mapping": mapping.label, "consumer": mapping.consumer, "form": seen["form"], "alpha": seen["alpha"],
-                        "error_vs_rtn": round(seen["error_vs_rtn"], 4)})
+                        "error_vs_rtn": round(seen["error_vs_rtn"], 4), "rank": seen["rank"], "trace_kept": seen["trace_kept"]})
     for mapping in in_layer if clip else ():  # both rescalings of qkv_proj and gate_up_proj are in place
         clipped[mapping.consumer] = _clip(model, mapping, stats[mapping.consumer], column_scales[mapping.consumer],
                                           plan, group_size, symmetric, shape)

@@ -115,8 +115,10 @@ def calibrate_streaming(model_path: Path, variant, samples: np.ndarray | None, o
                 model.forward(block, inputs, None, CALIBRATION_BATCH)
                 for handle in handles:
                     handle.remove()
+                search_started = time.perf_counter()
                 search_layer(_OneBlock(model.config, index, block), in_layer, stats, plan, variant.group_size,
                              variant.symmetric, variant.n_grid, method == "awq", shape, found)
+                details.setdefault("search_seconds", []).append(round(time.perf_counter() - search_started, 2))
                 del stats
             hessians = _hessians(model, block, inputs, {n: m for n, m in modules.items() if plan[n] != KEEP}) if gptq else {}
             for name, module in modules.items():
@@ -160,7 +162,7 @@ def calibrate_streaming(model_path: Path, variant, samples: np.ndarray | None, o
         scales, applied, clipped = found
         details["awq"] = {"search": "phi", "n_grid": variant.n_grid, "applied": applied, "skipped": skipped,
                           "clip": {name: round(ratio, 3) for name, ratio in clipped.items()} if method == "awq" else None,
-                          "seconds": details["seconds"]}
+                          "seconds": details["seconds"], "search_seconds": details.get("search_seconds", [])}
         details["awq_scales"] = scales
     return details
 
