@@ -1,8 +1,8 @@
 """Measuring subprocesses, one model each: python -m benchmarks.probe MODE JOB.json
 
 Modes: speed (prefill/decode of one artifact in its runtime), gptq (compress's quantize_gptq on random
-tokens, optionally writing the compressed-tensors folder), oneshot (bare llm-compressor, the overhead
-reference), raw_forward (onnxruntime-genai forward passes only), bandwidth (memory bandwidth).
+tokens, optionally writing the compressed-tensors folder), streaming (compress's layer-by-layer calibration
+with a recipe's variant), oneshot (bare llm-compressor, the overhead reference), raw_forward (onnxruntime-genai forward passes only), bandwidth (memory bandwidth).
 Each writes its result JSON with its own peak RSS (VmHWM) and the environment it ran in.
 """
 
@@ -78,6 +78,32 @@ def gptq(job: dict) -> dict:
         write_compressed_tensors(model, tokenizer, Path(job["model"]), Path(job["out"]))
         result["peak_rss_mb_with_save"] = peak_rss_mb()
     return result
+
+
+def streaming(job: dict) -> dict:
+    """compress.quantize.streaming.calibrate_streaming (what `compress run` calls for gptq, awq, rtn) with one
+    of a recipe's variants, on random calibration tokens; per-layer seconds, AWQ's search seconds, peak RSS."""
+    import shutil
+
+    import torch
+
+    from compress.quantize.streaming import calibrate_streaming
+    from compress.recipe import Variant
+
+    torch.set_num_threads(job.get("threads") or torch.get_num_threads())
+    config = json.loads((Path(job["model"]) / "config.json").read_text())
+    samples = _tokens(int(config["vocab_size"]), (job["calibration_samples"], job["calibration_seq_len"]))
+    out, work = Path(job["out"]), Path(job["work"])
+    shutil.rmtree(out, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        details = calibrate_streaming(Path(job["model"]), Variant(**job["variant"]), samples, out, work, int(job["budget_gib"] * 2**30))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    awq = details.get("awq") or {}
+    return {"seconds": details["seconds"], "layers_seconds": details["layers_seconds"], "search_seconds": details.get("search_seconds"),
+            "applied": awq.get("applied"), "clip": awq.get("clip"), "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
 
 
 def oneshot(job: dict) -> dict:
@@ -182,7 +208,7 @@ def _timed(kernel) -> float:
     return time.perf_counter() - started
 
 
-MODES = {"speed": speed, "gptq": gptq, "oneshot": oneshot, "raw_forward": raw_forward, "bandwidth": bandwidth}
+MODES = {"speed": speed, "gptq": gptq, "streaming": streaming, "oneshot": oneshot, "raw_forward": raw_forward, "bandwidth": bandwidth}
 
 
 def main() -> None:

@@ -22,8 +22,8 @@ if __package__ in (None, ""):  # run as a script (python benchmarks/run.py): mak
 from benchmarks.common import RESULTS, environment, log  # noqa: E402
 from benchmarks.table import render, targets  # noqa: E402
 
-BENCHMARKS = ("decode", "bandwidth", "overhead", "scaling", "fullsize")
-DEFAULT = ("decode", "bandwidth", "overhead", "scaling")  # fullsize (an hour or more) runs only when asked for
+BENCHMARKS = ("decode", "bandwidth", "overhead", "scaling", "fullsize", "awq")
+DEFAULT = ("decode", "bandwidth", "overhead", "scaling")  # fullsize and awq (an hour or more) run only when asked for
 
 
 def _plan(values: list[str] | None) -> dict[str, list[int]] | None:
@@ -42,6 +42,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(DEFAULT), help="comma-separated: " + ", ".join(BENCHMARKS))
     parser.add_argument("--fullsize-depths", default="1,2,4,8", help="fullsize: Phi-4-width depths to run")
     parser.add_argument("--no-rehearsal", action="store_true", help="fullsize: skip the 32-layer Phi-4-mini rehearsal")
+    parser.add_argument("--awq-sizes", default="8x128,256x2048", help="awq: calibration sizes, samples x tokens (the recipes' own is 256x2048)")
+    parser.add_argument("--awq-widths", default="phi4-mini,phi4", help="awq: widths to measure")
     parser.add_argument("--fullsize-method", default="gptq", choices=["gptq", "rtn"],
                         help="fullsize: calibration of the depth runs (rtn: the same stages without GPTQ's minutes per layer)")
     parser.add_argument("--layers", type=int, default=2, help="layers of the Phi-4-mini-width model (2-4)")
@@ -60,7 +62,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_all(options: argparse.Namespace, started: float) -> dict:
-    from benchmarks import bandwidth, decode, fullsize, overhead, scaling
+    from benchmarks import awq, bandwidth, decode, fullsize, overhead, scaling
 
     # Leave a minute for writing results; a slice predicted to end after this is skipped.
     deadline = started + 60 * options.budget_minutes - 60 if options.budget_minutes else None
@@ -71,6 +73,8 @@ def run_all(options: argparse.Namespace, started: float) -> dict:
         "scaling": lambda results: scaling.run(_plan(options.scaling), deadline),
         "fullsize": lambda results: fullsize.run([int(d) for d in options.fullsize_depths.split(",") if d.strip()],
                                                  not options.no_rehearsal, method=options.fullsize_method),
+        "awq": lambda results: awq.run([tuple(int(n) for n in size.split("x")) for size in options.awq_sizes.split(",") if size.strip()],
+                                       [width.strip() for width in options.awq_widths.split(",") if width.strip()]),
     }
     results: dict = {"errors": {}}
     seconds = {}
@@ -101,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     if "fullsize" in options.only:  # -phi4-1-2 for the depths, -rehearsal when it ran
         depths = [d.strip() for d in options.fullsize_depths.split(",") if d.strip()]
         stem += (f"-phi4-{options.fullsize_method}-" + "-".join(depths) if depths else "") + ("" if options.no_rehearsal else "-rehearsal")
+    if "awq" in options.only:  # -8x128 when only the small size ran
+        stem += "" if options.awq_sizes == "8x128,256x2048" else "-" + options.awq_sizes.replace(",", "-")
     results["meta"] = {"date": date.today().isoformat(), "environment": env, "seconds": round(time.perf_counter() - started, 1),
                        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
                        "options": {key: value for key, value in vars(options).items()}}

@@ -14,11 +14,14 @@ def targets(results: dict) -> list[dict]:
     use = results.get("bandwidth", {}).get("artifacts", {}).get("ONNX int4", {}).get("use", {})
     quantization = results.get("overhead", {}).get("quantization", {})
     verification = results.get("overhead", {}).get("verification", {})
+    awq = results.get("awq", {}).get("ratios", [])
     return [
         target("ONNX int4 decode ÷ fp32 PyTorch decode", int4.get("decode_speedup"), 3.0, at_least=True),
         target("ONNX int4 achieved bandwidth ÷ measured bound", use.get("share_of_bound"), 0.60, at_least=True),
         target("compress run quantize stage ÷ bare oneshot (time)", quantization.get("quantize_time_ratio"), 1.15, at_least=False),
         target("verification pass ÷ raw onnxruntime-genai forward (time)", verification.get("ratio"), 1.30, at_least=False),
+        *(target(f"AWQ ÷ GPTQ seconds per layer, {row['width']} width, {row['tokens']} tokens", row["ratio"], 1.0, at_least=False)
+          for row in awq),
     ]
 
 
@@ -71,6 +74,10 @@ def render(results: dict) -> str:
         from benchmarks.fullsize import markdown
 
         lines += markdown(results["fullsize"])
+    if "awq" in results:
+        from benchmarks.awq import markdown as awq_markdown
+
+        lines += awq_markdown(results["awq"]) + [""]
     for name, error in results.get("errors", {}).items():
         lines += [f"**{name} failed**: {error}", ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -245,3 +245,23 @@ variants:
     assert rows == {"baseline accuracy (layer by layer)": 2.0, "baseline speed and generations (whole model in transformers)": 1.95,
                     "calibration, gptq (layer by layer)": 3.0, "compressed-tensors checks (whole model in transformers)": 2.5,
                     "ONNX build, onnx-int4": 4.0, "onnx in onnxruntime-genai": 1.5, "gptq (gptq) in onnxruntime-genai": 1.0}
+
+
+def test_awq_benchmark_pairs_each_size_and_reports_the_ratio():
+    from benchmarks.awq import markdown, ratios, recipe_variants
+
+    variants = recipe_variants()
+    assert variants["awq"]["n_grid"] == 20 and variants["gptq"]["method"] == "gptq" and "formats" not in variants["gptq"]
+    rows = [{"width": "phi4-mini", "tokens": "8x128", "method": "gptq", "layer_seconds": 30.0, "search_seconds": None,
+             "peak_rss_mb": 2000.0, "others_cpu": 0.01},
+            {"width": "phi4-mini", "tokens": "8x128", "method": "awq", "layer_seconds": 12.0, "search_seconds": 9.5,
+             "peak_rss_mb": 2100.0, "others_cpu": 0.05},
+            {"width": "phi4", "tokens": "8x128", "method": "gptq", "layer_seconds": 100.0, "search_seconds": None,
+             "peak_rss_mb": 6000.0, "others_cpu": 0.0}]  # its awq run missing: no ratio
+    found = ratios(rows)
+    assert found == [{"width": "phi4-mini", "tokens": "8x128", "awq_s": 12.0, "gptq_s": 30.0, "ratio": 0.4, "awq_search_s": 9.5,
+                      "awq_peak_mib": 2100.0, "gptq_peak_mib": 2000.0, "others_cpu": 0.05}]
+    assert "| phi4-mini | 8x128 | 12.0 | 9.5 | 30.0 | 0.40 | 2100 | 2000 | 0.05 |" in markdown({"ratios": found})
+    met = {item["name"]: item["met"] for item in targets({"awq": {"ratios": found}})}
+    assert met["AWQ ÷ GPTQ seconds per layer, phi4-mini width, 8x128 tokens"] is True
+    assert parse(["--only", "awq", "--awq-sizes", "8x128"]).awq_sizes == "8x128"
