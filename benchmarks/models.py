@@ -89,13 +89,13 @@ def random_model(family: str, layers: int, dtype: str = "bf16", pool_layers: int
         pool = CACHE / f"pool-{family}-{dtype}-L{pool_layers}"
         _write_pool(WIDTHS[family], pool_layers, dtype, pool)
     folder = CACHE / f"{family}-{dtype}-{layers}L"
-    if (folder / "config.json").is_file():
-        return folder
+    if (folder / "config.json").is_file() and all(link.exists() for link in folder.glob("*.safetensors")):
+        return folder  # (a link made through another checkout of the cache may dangle: rebuilt below)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     weight_map = {}
     for shard in ["shared.safetensors", *(f"layer-{i:03d}.safetensors" for i in range(layers))]:
-        (folder / shard).symlink_to(pool / shard)
+        (folder / shard).symlink_to(Path("..") / pool.name / shard)  # relative: the cache may be reached by another path
         weight_map.update({name: shard for name in _shard_names(pool / shard)})
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     phi3_config(WIDTHS[family], layers, dtype).save_pretrained(folder)
