@@ -102,15 +102,15 @@ def calibration(shapes: Shapes, method: str, samples: int, seq_len: int, budget:
     Phi-4-mini's shape, 8x512: GPTQ 2.12 (estimate 2.2)."""
     largest_in = max(shapes.hidden, shapes.intermediate)
     largest_linear = 2 * shapes.intermediate * shapes.hidden  # gate_up_proj
-    hessians = 4 * (3 * shapes.hidden ** 2 + shapes.intermediate ** 2) if "gptq" in method else 0
-    grams = 4 * (3 * shapes.hidden ** 2 + shapes.intermediate ** 2) + 2 * 4 * shapes.intermediate * largest_in if "awq" in method else 0
+    statistics = 4 * (3 * shapes.hidden ** 2 + shapes.intermediate ** 2)  # one float32 matrix per linear's inputs
+    hessians = statistics if "gptq" in method else 0
     rounding = 3 * 4 * largest_linear
     forward = 0 if method == "rtn" else LAYER_BATCH + _hidden_states(samples, seq_len, shapes.hidden, budget)
-    steps = max(forward + hessians, rounding + hessians)
-    if "gptq" in method:
-        steps = max(steps, 2 * 4 * largest_in ** 2 + 3 * 4 * shapes.intermediate * shapes.hidden)
-    if "awq" in method:
-        steps = forward + rounding + grams + hessians
+    if "awq" in method:  # the search beside the forward, summed until it is measured
+        steps = forward + rounding + hessians + statistics + 2 * 4 * shapes.intermediate * largest_in
+    else:
+        quantize_weight = 2 * 4 * largest_in ** 2 + 3 * 4 * shapes.intermediate * shapes.hidden if hessians else 0
+        steps = max(forward + hessians, rounding + hessians, quantize_weight)
     layer = OVERHEAD + (4 + shapes.element_bytes) * shapes.layer_parameters
     return max(layer + steps, OVERHEAD + shapes.table_bytes)
 

@@ -199,9 +199,8 @@ def gram_factor(gram, rank: int):
     import torch
 
     size = gram.shape[0]
-    gram = gram.double() if size <= rank else gram
     if size <= rank:
-        values, vectors = torch.linalg.eigh(gram)
+        values, vectors = torch.linalg.eigh(gram.double())
         return (vectors * values.clamp(min=0).sqrt()).float()
     probe = torch.randn(size, rank + 8, generator=torch.Generator().manual_seed(0), dtype=gram.dtype)
     basis = torch.linalg.qr(gram @ torch.linalg.qr(gram @ probe).Q).Q
