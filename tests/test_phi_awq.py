@@ -217,6 +217,9 @@ def test_sketched_error_is_exact_within_its_rank_and_close_beyond(monkeypatch):
     gram = x.T @ x
     scales = [torch.ones(96), spread.sqrt(), spread.pow(0.25)]
     exact = [output_error(weight, gram, scale, 3, 32, True) for scale in scales]
+    fast = sketched_errors(weight, Sketch.of(gram, 128), scales, 3, 32, True)  # bfloat16 where the CPU has AMX
+    assert fast == pytest.approx(exact, rel=3e-3)
+    monkeypatch.setattr(phi_awq, "BFLOAT16_SEARCH", False)
     whole = sketched_errors(weight, Sketch.of(gram, 128), scales, 3, 32, True)
     assert whole == pytest.approx(exact, rel=1e-4)
     monkeypatch.setattr(phi_awq, "SEARCH_ELEMENTS", 1)  # one row at a time
@@ -225,6 +228,43 @@ def test_sketched_error_is_exact_within_its_rank_and_close_beyond(monkeypatch):
     sketch = Sketch.of(gram, 8)  # 8 of 96 directions, the rest by their diagonal
     assert 0.5 < sketch.kept < 1
     assert sketched_errors(weight, sketch, scales, 3, 32, True) == pytest.approx(exact, rel=0.05)
+
+
+def test_the_output_error_in_bfloat16_is_within_a_thousandth_of_float32():
+    """fast_dtype's bfloat16 (on a CPU with AMX; float32 elsewhere, then equal) on a Gram matrix with a few
+    massive channels, as the search's exact check sees it."""
+    from compress.quantize.phi_awq import fast_dtype
+
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(1000, 512, generator=generator) * torch.exp(torch.randn(512, generator=generator))
+    x[:, :4] *= 30
+    gram = x.T @ x
+    weight = torch.randn(256, 512, generator=generator) * 0.02
+    scale = x.abs().mean(0).pow(0.3)
+    precise = output_error(weight, gram, scale, 4, 128, False)
+    assert output_error(weight, gram.to(fast_dtype(gram)), scale, 4, 128, False) == pytest.approx(precise, rel=1e-3)
+
+
+def test_screening_keeps_the_best_candidates_and_scores_them_on_every_row(monkeypatch):
+    """A weight in 64 pieces of 2 rows: every candidate is tried on 16 of them, and the 2 best are scored on
+    all 64 exactly as the whole grid scores them; the grid's best is among them."""
+    import compress.quantize.phi_awq as phi_awq
+    from compress.quantize.phi_awq import Sketch, screened_errors, sketched_errors
+
+    monkeypatch.setattr(phi_awq, "BFLOAT16_SEARCH", False)
+    monkeypatch.setattr(phi_awq, "SEARCH_ELEMENTS", 2 * 96)
+    monkeypatch.setattr(phi_awq, "FINALISTS", 2)
+    generator = torch.Generator().manual_seed(9)
+    spread = torch.exp(torch.randn(96, generator=generator))
+    x = torch.randn(2000, 96, generator=generator) * spread
+    weight = torch.randn(128, 96, generator=generator) * torch.exp(0.5 * torch.randn(96, generator=generator))
+    sketch = Sketch.of(x.T @ x)
+    candidates = [spread.pow(alpha / 10) for alpha in range(10)]
+    grid = sketched_errors(weight, sketch, candidates, 3, 32, True)
+    found = screened_errors(weight, sketch, candidates, 3, 32, True)
+    assert len(found) == 2
+    assert min(range(10), key=grid.__getitem__) in found
+    assert [found[i] for i in found] == pytest.approx([grid[i] for i in found], rel=1e-6)
 
 
 def test_the_sketched_search_chooses_what_the_exhaustive_search_chooses(monkeypatch):

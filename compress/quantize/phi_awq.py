@@ -118,18 +118,37 @@ def fake_quantize(weight, bits: int, group_size: int, symmetric: bool):
 
 def output_error(weight, gram, scale_columns, bits: int, group_size: int, symmetric: bool) -> float:
     """Sum over calibration tokens of ||x W^T - (x / s) Q(W s)^T||^2, from the inputs' Gram matrix (rows taken
-    ERROR_ROWS at a time: the fake quantizer's copies of a whole Phi-4 down_proj are ~2 GB)."""
+    ERROR_ROWS at a time: the fake quantizer's copies of a whole Phi-4 down_proj are ~2 GB). A bfloat16 `gram`
+    is multiplied in bfloat16 (see product)."""
     total = 0.0
     for start in range(0, weight.shape[0], ERROR_ROWS):
         part = weight[start:start + ERROR_ROWS]
         delta = part - fake_quantize(part * scale_columns, bits, group_size, symmetric) / scale_columns
-        total += float(((delta @ gram) * delta).sum())
+        total += float((product(delta, gram) * delta).sum())
     return total
 
 
+def product(a, b):
+    """a @ b in b's dtype, as float32: bfloat16 where the search chose it (fast_dtype), float32 otherwise."""
+    return (a.to(b.dtype) @ b).float()
+
+
+def fast_dtype(tensor):
+    """The dtype the search multiplies `tensor` in: bfloat16 where the CPU multiplies it in hardware (AMX:
+    4.3-4.7x float32's speed on a Phi-4 Gram matrix, the error it gives 4-7e-4 of its value, measured), the
+    tensor's own otherwise."""
+    import torch
+
+    amx = tensor.device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return torch.bfloat16 if amx and BFLOAT16_SEARCH else tensor.dtype
+
+
 ERROR_ROWS = 1024
+BFLOAT16_SEARCH = True  # multiply in bfloat16 where the hardware does (fast_dtype)
 SEARCH_RANK = 128  # directions of a Gram matrix the scale search keeps whole; the rest by their diagonal
-SEARCH_ELEMENTS = 2**16  # weights the scale search quantizes at a time: every candidate on rows that stay in cache
+SEARCH_ELEMENTS = 2**14  # weights the scale search quantizes at a time, every candidate on them at once
+SCREEN = 4  # the scale search tries every candidate on one piece of rows in SCREEN ...
+FINALISTS = 8  # ... and the FINALISTS best of them on all rows
 
 
 @dataclass(frozen=True)
@@ -148,28 +167,44 @@ class Sketch:
         factor = gram_factor(gram, rank or SEARCH_RANK)
         residual = (gram.diagonal() - factor.square().sum(1)).clamp(min=0)
         trace = float(gram.diagonal().sum())
-        return cls(factor, residual, float(factor.square().sum()) / trace if trace > 0 else 1.0)
+        return cls(factor.to(fast_dtype(factor)), residual, float(factor.square().sum()) / trace if trace > 0 else 1.0)
 
-    def error(self, delta):
-        """The sketched output error of `delta` (a 0-d tensor)."""
-        return (delta @ self.factor).square().sum() + (delta.square().sum(0) * self.residual).sum()
+    def errors(self, delta):
+        """The sketched output error of each rounding difference in `delta` [candidates, rows, in] (float64)."""
+        projected = product(delta.reshape(-1, delta.shape[-1]), self.factor).reshape(delta.shape[0], -1)
+        return projected.square().sum(1).double() + (delta.square().sum(1) @ self.residual).double()
 
 
-def sketched_errors(weight, sketch: Sketch, candidates: list, bits: int, group_size: int, symmetric: bool) -> list[float]:
-    """The sketched output error of each candidate column scale: every candidate is tried on SEARCH_ELEMENTS of
-    the weight before the next rows are read, so the fake quantizer's dozen passes run in cache (measured: 534 M
-    weights a second on one core against 79 M on a whole 8192 x 5120 matrix)."""
+def sketched_errors(weight, sketch: Sketch, candidates: list, bits: int, group_size: int, symmetric: bool,
+                    every: int = 1) -> list[float]:
+    """The sketched output error of each candidate column scale, on every `every`-th piece of SEARCH_ELEMENTS
+    weights (all of them by default). Every candidate is tried on a piece at once, so the fake quantizer's
+    dozen passes run in cache and each op does enough work for the threads of in_pieces to run side by side
+    (one op per candidate and piece measured 20 s for a Phi-4-mini-width gate_up_proj on 1 thread and on 2:
+    the interpreter was the limit)."""
     import torch
 
     out, columns = weight.shape
+    scales = torch.stack(candidates)[:, None]  # [candidates, 1, in]
     step = max(1, SEARCH_ELEMENTS // columns)
 
     def piece(start: int):
-        part = weight[start:start + step]
-        return torch.stack([sketch.error(part - fake_quantize(part * scale, bits, group_size, symmetric) / scale)
-                            for scale in candidates]).double()
+        scaled = weight[start:start + step] * scales
+        flat = scaled.reshape(-1, columns)
+        delta = (flat - fake_quantize(flat, bits, group_size, symmetric)).reshape(scaled.shape) / scales
+        return sketch.errors(delta)
 
-    return torch.stack(in_pieces(piece, range(0, out, step))).sum(0).tolist()
+    return torch.stack(in_pieces(piece, range(0, out, step * every))).sum(0).tolist()
+
+
+def screened_errors(weight, sketch: Sketch, candidates: list, bits: int, group_size: int, symmetric: bool) -> dict[int, float]:
+    """{candidate index: sketched error on all rows} for the FINALISTS candidates least in error on every
+    SCREEN-th piece of rows: each row's error is its own, so a spread subset of rows ranks the candidates
+    nearly as all rows do, and the finalists are then compared on all of them."""
+    screened = sketched_errors(weight, sketch, candidates, bits, group_size, symmetric, every=SCREEN)
+    finalists = sorted(range(len(candidates)), key=screened.__getitem__)[:FINALISTS]
+    errors = sketched_errors(weight, sketch, [candidates[i] for i in finalists], bits, group_size, symmetric)
+    return dict(zip(finalists, errors, strict=True))
 
 
 def in_pieces(work, tasks) -> list:
@@ -227,9 +262,10 @@ def search_scale(weight, stats: Statistics, columns_to_channel, bits: int, group
     """The best s for one mapping -> (s per channel, what the search saw).
 
     Tries s = mean|x|^alpha and AWQ's "duo" form mean|x|^alpha / mean|w|^(1 - alpha) (w normalized per
-    group) for alpha on a grid in [0, 1), each evaluated through a Sketch of the Gram matrix; the best
-    is then evaluated exactly against alpha = 0 of the first form (s = 1, plain RTN) and kept only if it is
-    lower, so the result is never worse than RTN on this objective. `columns_to_channel` maps each consumer
+    group) for alpha on a grid in [0, 1), each evaluated through a Sketch of the Gram matrix, all of them on
+    a quarter of the rows and the best FINALISTS on all (screened_errors); the best is then evaluated on the
+    whole Gram matrix against alpha = 0 of the first form (s = 1, plain RTN) and kept only if it is lower, so
+    the result is never worse than RTN on this objective (to bfloat16's 1e-3 where fast_dtype uses it). `columns_to_channel` maps each consumer
     input column to its channel (identity except for v->o, where query heads share their KV head's channel);
     a channel's magnitudes are the means over its columns.
     """
@@ -252,11 +288,13 @@ def search_scale(weight, stats: Statistics, columns_to_channel, bits: int, group
             grid.append((form, alpha))
             scales.append((scale / (scale.max() * scale.min()).sqrt()).clamp(min=1e-4).float())
     sketch = Sketch.of(stats.gram)
-    sketched = sketched_errors(weight, sketch, [scale[index] for scale in scales], bits, group_size, symmetric)
-    chosen = min(range(len(grid)), key=sketched.__getitem__)
+    sketched = screened_errors(weight, sketch, [scale[index] for scale in scales], bits, group_size, symmetric)
+    chosen = min(sketched, key=sketched.__getitem__)
     scale, (form, alpha) = scales[chosen], grid[chosen]
-    rtn = output_error(weight, stats.gram, torch.ones(len(index)), bits, group_size, symmetric)
-    error = output_error(weight, stats.gram, scale[index], bits, group_size, symmetric) if alpha or form != "plain" else rtn
+    gram = stats.gram.to(fast_dtype(stats.gram))
+    rtn = output_error(weight, gram, torch.ones(len(index)), bits, group_size, symmetric)
+    error = output_error(weight, gram, scale[index], bits, group_size, symmetric) if alpha or form != "plain" else rtn
+    del gram
     if error >= rtn:
         scale, error, form, alpha = torch.ones(channels), rtn, "plain", 0.0
     return scale, {"form": form, "alpha": alpha, "error": error, "rtn_error": rtn, "error_vs_rtn": error / rtn if rtn > 0 else 1.0,
