@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from compress import interrupts, memory
+from compress import interrupts, memory, timing
 from compress.cache import baseline_key, load_baseline, store_baseline
 from compress.data import (
     array_hash,
@@ -88,6 +88,7 @@ def preflight(recipe: Recipe, model_spec: str, console: Console, out: Path, budg
         if required and not fits:
             raise ModelError(f"{info.spec}: the {name} needs about {needed / gib:.1f} GiB of memory but the budget is "
                              f"{budget / gib:.1f} GiB; raise --max-memory, free memory, or lower the calibration samples")
+    _print_time_estimates(recipe, info, console)
     disk_needed, disk_free = estimate_disk(recipe, info), shutil.disk_usage(_existing_parent(out)).free
     console.print(f"   disk needed for the run folder: about {disk_needed / 2**20:.0f} MiB; free {disk_free / 2**20:.0f} MiB")
     if disk_needed > disk_free:
@@ -99,6 +100,15 @@ def preflight(recipe: Recipe, model_spec: str, console: Console, out: Path, budg
         if device_verify > free and recipe.targets["cuda"].required:
             raise ModelError(f"{info.spec} needs about {device_verify / gib:.1f} GiB of GPU memory but only {free / gib:.1f} GiB is free")
     return info
+
+
+def _print_time_estimates(recipe: Recipe, info: ModelInfo, console: Console) -> None:
+    """Each layer-by-layer calibration's estimated time (compress.timing), on this machine's measured rate."""
+    rate, amx = timing.machine_rate(), timing.has_amx()
+    for variant, layer in timing.calibration_estimates(memory.Shapes.from_info(info), recipe, rate, amx):
+        search = f"; AWQ's search about {timing.describe(layer.method)} of each" if variant.method == "awq" else ""
+        console.print(f"   time, calibrating {variant.name}: about {timing.describe(layer.total * info.layers)} ({info.layers} layers × "
+                      f"{timing.describe(layer.total)}{search}; this CPU multiplies at {rate / 1e9:.0f} GFLOP/s)", highlight=False)
 
 
 def estimate_disk(recipe: Recipe, info: ModelInfo) -> int:

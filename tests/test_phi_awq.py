@@ -173,6 +173,11 @@ def test_clipping_an_outlier_lowers_the_groups_output_error(symmetric):
     assert after < before
     frozen, _ = search_clip(weight, gram, 3, 32, symmetric, frozen_rows=slice(0, 8))
     assert torch.equal(frozen[:8], weight[:8])
+    scale = torch.exp(torch.randn(64, generator=generator) * 0.5)  # inputs x / s for weight columns x s
+    scaled_gram = (x / scale).T @ (x / scale)
+    by_blocks, by_blocks_ratio = search_clip(weight * scale, gram, 3, 32, symmetric, input_scale=scale)
+    whole, whole_ratio = search_clip(weight * scale, scaled_gram, 3, 32, symmetric)
+    assert torch.equal(by_blocks, whole) and by_blocks_ratio == whole_ratio
 
 
 def test_layer_by_layer_statistics_choose_what_one_pass_chooses(monkeypatch):

@@ -152,9 +152,9 @@ def _clip(model, mapping, stats: Statistics, scale, plan: dict[str, int], group_
     """Clip one consumer's scaled weights in place (its columns were multiplied by `scale`); returns the mean
     ratio kept."""
     linear = model.get_submodule(mapping.consumer)
-    gram = stats.gram / scale[:, None] / scale[None, :]  # its inputs are now x / s
     frozen = slice(0, shape.v_rows.start) if mapping.kind == NORM_QKV else None
-    weight, ratio = search_clip(linear.weight.detach().float(), gram, plan[mapping.consumer], group_size, symmetric, frozen)
+    weight, ratio = search_clip(linear.weight.detach().float(), stats.gram, plan[mapping.consumer], group_size, symmetric,
+                                frozen, input_scale=scale)  # its inputs are now x / s
     linear.weight.data.copy_(weight.to(linear.weight.dtype))
     return ratio
 

@@ -118,11 +118,10 @@ def fake_quantize(weight, bits: int, group_size: int, symmetric: bool):
 
 def output_error(weight, gram, scale_columns, bits: int, group_size: int, symmetric: bool) -> float:
     """Sum over calibration tokens of ||x W^T - (x / s) Q(W s)^T||^2, from the inputs' Gram matrix (rows taken
-    ERROR_ROWS at a time: the fake quantizer's copies of a whole Phi-4 down_proj are ~2 GB). A bfloat16 `gram`
-    is multiplied in bfloat16 (see product)."""
+    ERROR_ELEMENTS weights at a time: the fake quantizer's copies of a whole Phi-4 down_proj are ~2 GB). A
+    bfloat16 `gram` is multiplied in bfloat16 (see product)."""
     total = 0.0
-    for start in range(0, weight.shape[0], ERROR_ROWS):
-        part = weight[start:start + ERROR_ROWS]
+    for part in row_chunks(weight):
         delta = part - fake_quantize(part * scale_columns, bits, group_size, symmetric) / scale_columns
         total += float((product(delta, gram) * delta).sum())
     return total
@@ -143,7 +142,7 @@ def fast_dtype(tensor):
     return torch.bfloat16 if amx and BFLOAT16_SEARCH else tensor.dtype
 
 
-ERROR_ROWS = 1024
+ERROR_ELEMENTS = 2**22  # weights output_error and the weight statistic take at a time (16 MiB in float32)
 BFLOAT16_SEARCH = True  # multiply in bfloat16 where the hardware does (fast_dtype)
 SEARCH_RANK = 128  # directions of a Gram matrix the scale search keeps whole; the rest by their diagonal
 SEARCH_ELEMENTS = 2**14  # weights the scale search quantizes at a time, every candidate on them at once
@@ -303,26 +302,40 @@ def search_scale(weight, stats: Statistics, columns_to_channel, bits: int, group
 
 def _normalized_weight_magnitude(weight, group_size: int):
     """Per input column: mean over rows of |w| / max|w| of its group (AWQ's weight statistic)."""
-    out, columns = weight.shape
+    columns = weight.shape[1]
     group = columns if group_size == -1 else group_size
-    grouped = weight.abs().reshape(out, columns // group, group)
-    return (grouped / (grouped.amax(-1, keepdim=True) + 1e-6)).reshape(out, columns).mean(0)
+    total = 0
+    for part in row_chunks(weight):
+        grouped = part.abs().reshape(len(part), columns // group, group)
+        total = total + (grouped / (grouped.amax(-1, keepdim=True) + 1e-6)).sum(0).reshape(columns)
+    return total / weight.shape[0]
+
+
+def row_chunks(weight):
+    """The weight's rows, ERROR_ELEMENTS weights at a time."""
+    step = max(1, ERROR_ELEMENTS // weight.shape[1])
+    return (weight[start:start + step] for start in range(0, weight.shape[0], step))
 
 
 CLIP_RATIOS = tuple(1 - step / 20 for step in range(10))  # 1.0 down to 0.55
 CLIP_ELEMENTS = 2**18  # weights the clipping search takes at a time (all ratios on rows that stay in cache)
 
 
-def search_clip(weight, gram, bits: int, group_size: int, symmetric: bool, frozen_rows: slice | None = None):
+def search_clip(weight, gram, bits: int, group_size: int, symmetric: bool, frozen_rows: slice | None = None,
+                input_scale=None):
     """AWQ's clipping: per (row, group), the range ratio in CLIP_RATIOS whose quantized weights give the least
-    output error on that group's inputs (the group's diagonal block of the Gram matrix) -> (clipped weight,
-    mean ratio chosen). Not exact: it changes the float weights, trading outliers for resolution."""
+    output error on that group's inputs (the group's diagonal block of the Gram matrix, of inputs divided by
+    `input_scale` where the weight's columns were multiplied by it) -> (clipped weight, mean ratio chosen).
+    Not exact: it changes the float weights, trading outliers for resolution."""
     import torch
 
     out, columns = weight.shape
     group = columns if group_size == -1 else group_size
     groups = columns // group
     blocks = torch.stack([gram[g * group:(g + 1) * group, g * group:(g + 1) * group] for g in range(groups)])
+    if input_scale is not None:
+        divisor = input_scale.reshape(groups, group)
+        blocks /= divisor[:, :, None] * divisor[:, None, :]
     frozen = torch.zeros(out, dtype=torch.bool)
     if frozen_rows is not None:
         frozen[frozen_rows] = True
