@@ -92,25 +92,26 @@ def baseline_accuracy(shapes: Shapes, windows: int, seq_len: int, budget: int) -
 
 def calibration(shapes: Shapes, method: str, samples: int, seq_len: int, budget: int) -> int:
     """Streaming calibration of one layer: the layer read as stored and in float32, then the largest of its
-    steps, each beside the statistics the method keeps (GPTQ's Hessians, one float32 per linear of the block;
-    AWQ's Gram matrices): the forward over the calibration windows (not for RTN); rounding the largest linear
-    (three float32 copies: weight, rounded weight, codes); for GPTQ, llm-compressor's quantize_weight on
-    down_proj (its Hessian and the act-order permuted copy, three float32 copies of the weight). AWQ's search
-    runs beside the forward (not yet measured at Phi-4 width: issue 12). The table term is the embedding
-    written into the quantized folder beside the one read. Measured at Phi-4 width, one layer, 8x256 tokens:
-    RTN 4.5 GiB (estimate 4.6), GPTQ 6.04 (estimate 6.1, its peak inside quantize_weight on down_proj);
-    Phi-4-mini's shape, 8x512: GPTQ 2.12 (estimate 2.2)."""
+    steps, each beside the statistics the method keeps (GPTQ's Hessians, AWQ's Gram matrices: one float32
+    matrix per linear of the block): the forward over the calibration windows (not for RTN); rounding the
+    largest linear (three float32 copies: weight, rounded weight, codes); for GPTQ, llm-compressor's
+    quantize_weight on down_proj (its Hessian and the act-order permuted copy, three float32 copies of the
+    weight); for AWQ, the search (the scaled and clipped copies of gate_up_proj beside the rounding's, the
+    bfloat16 copy of down_proj's Gram matrix). The table term is the embedding written into the quantized
+    folder beside the one read. Measured at Phi-4 width, one layer, 8x256 tokens: RTN 4.5 GiB (estimate 4.6),
+    GPTQ 6.04 (estimate 6.1, its peak inside quantize_weight on down_proj); Phi-4-mini's shape, 8x512: GPTQ
+    2.12 (estimate 2.2); one layer, 8x128 (benchmarks/awq.py): AWQ 6.29 GiB at Phi-4 width (estimate 6.7),
+    2.36 at Phi-4-mini width (estimate 2.3)."""
     largest_in = max(shapes.hidden, shapes.intermediate)
     largest_linear = 2 * shapes.intermediate * shapes.hidden  # gate_up_proj
     statistics = 4 * (3 * shapes.hidden ** 2 + shapes.intermediate ** 2)  # one float32 matrix per linear's inputs
     hessians = statistics if "gptq" in method else 0
     rounding = 3 * 4 * largest_linear
     forward = 0 if method == "rtn" else LAYER_BATCH + _hidden_states(samples, seq_len, shapes.hidden, budget)
-    if "awq" in method:  # the search beside the forward, summed until it is measured
-        steps = forward + rounding + hessians + statistics + 2 * 4 * shapes.intermediate * largest_in
-    else:
-        quantize_weight = 2 * 4 * largest_in ** 2 + 3 * 4 * shapes.intermediate * shapes.hidden if hessians else 0
-        steps = max(forward + hessians, rounding + hessians, quantize_weight)
+    quantize_weight = 2 * 4 * largest_in ** 2 + 3 * 4 * shapes.intermediate * shapes.hidden if hessians else 0
+    steps = max(forward + hessians, rounding + hessians, quantize_weight)
+    if "awq" in method:  # the search runs first, its Gram matrices freed before any Hessian is gathered
+        steps = max(steps, statistics + max(forward, rounding + 2 * largest_in ** 2))
     layer = OVERHEAD + (4 + shapes.element_bytes) * shapes.layer_parameters
     return max(layer + steps, OVERHEAD + shapes.table_bytes)
 

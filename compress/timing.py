@@ -11,8 +11,9 @@ A decoder layer's time is three parts, each counted in floating-point operations
     layer    reading the layer, rounding, packing and writing it: in proportion to its weights.
 
 Each constant is seconds per operation on the machine that measured it (REFERENCE_RATE, its float32 matmul rate,
-2 threads), fitted to benchmarks/awq.py's side-by-side figures and the method timings in docs/awq-search.md; on
-another machine they scale with the rate `machine_rate` times there. The search's whole-Gram checks run in
+2 threads), fitted to benchmarks/awq.py's side-by-side figures at 8x128 tokens (benchmarks/results/
+2026-12-04-vm-awq-8x128.md) and checked against its larger calibration (tests/test_timing.py); on another
+machine they scale with the rate `machine_rate` times there. The search's whole-Gram checks run in
 bfloat16 where the CPU has AMX (phi_awq.fast_dtype), 4.5x float32's speed: without it they count 4.5x.
 """
 
@@ -22,12 +23,12 @@ import time
 from dataclasses import dataclass
 
 REFERENCE_RATE = 4.1e11  # FLOP/s of a 1024^3 float32 matmul on 2 threads of the machine the constants come from
-PASS_SECONDS = 0.0  # per operation of the passes
-LAYER_SECONDS = 0.0  # per weight of the layer
-METHOD_SECONDS = {  # method: (k_square per out x in^2, k_linear per out x in)
-    "gptq": (0.0, 0.0),
-    "awq": (0.0, 0.0),
-    "rtn": (0.0, 0.0),
+PASS_SECONDS = 1 / (0.5 * REFERENCE_RATE)  # per operation of the passes: half the matmul rate
+LAYER_SECONDS = 8.6e-9  # per weight: AWQ's layer time less its search and passes, mean of both widths
+METHOD_SECONDS = {  # method: (per out x in^2, per out x in); fitted at Phi-4-mini and Phi-4 widths, 8x128 tokens
+    "gptq": (1.93e-11, 1.34e-7),  # benchmarks/awq.py's GPTQ layer less its passes and LAYER_SECONDS
+    "awq": (6.80e-12, 1.05e-7),  # benchmarks/awq.py's AWQ search seconds (scale and clipping searches)
+    "rtn": (0.0, 0.0),  # its rounding is the layer term
 }
 AMX_SPEEDUP = 4.5  # bfloat16 products on AMX against float32 (phi_awq.fast_dtype), measured on Phi-4's Gram matrices
 
