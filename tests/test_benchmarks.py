@@ -253,15 +253,18 @@ def test_awq_benchmark_pairs_each_size_and_reports_the_ratio():
     variants = recipe_variants()
     assert variants["awq"]["n_grid"] == 20 and variants["gptq"]["method"] == "gptq" and "formats" not in variants["gptq"]
     rows = [{"width": "phi4-mini", "tokens": "8x128", "method": "gptq", "layer_seconds": 30.0, "search_seconds": None,
-             "peak_rss_mb": 2000.0, "others_cpu": 0.01},
+             "peak_rss_mb": 2000.0, "others_cpu": 0.01, "estimate_s": 27.0},
             {"width": "phi4-mini", "tokens": "8x128", "method": "awq", "layer_seconds": 12.0, "search_seconds": 9.5,
-             "peak_rss_mb": 2100.0, "others_cpu": 0.05},
+             "peak_rss_mb": 2100.0, "others_cpu": 0.05, "estimate_s": 15.0, "estimate_method_s": 9.5},
             {"width": "phi4", "tokens": "8x128", "method": "gptq", "layer_seconds": 100.0, "search_seconds": None,
              "peak_rss_mb": 6000.0, "others_cpu": 0.0}]  # its awq run missing: no ratio
     found = ratios(rows)
     assert found == [{"width": "phi4-mini", "tokens": "8x128", "awq_s": 12.0, "gptq_s": 30.0, "ratio": 0.4, "awq_search_s": 9.5,
-                      "awq_peak_mib": 2100.0, "gptq_peak_mib": 2000.0, "others_cpu": 0.05}]
-    assert "| phi4-mini | 8x128 | 12.0 | 9.5 | 30.0 | 0.40 | 2100 | 2000 | 0.05 |" in markdown({"ratios": found})
+                      "awq_peak_mib": 2100.0, "gptq_peak_mib": 2000.0, "others_cpu": 0.05,
+                      "estimates": {"awq_s": 15.0, "awq_search_s": 9.5, "gptq_s": 27.0}}]
+    table = markdown({"ratios": found, "machine_rate": 4e11})
+    assert "| phi4-mini | 8x128 | 12.0 | 9.5 | 30.0 | 0.40 | 2100 | 2000 | 0.05 |" in table
+    assert "| phi4-mini | 8x128 | 15.0 (1.25) | 9.5 (1.00) | 27.0 (0.90) |" in table
     met = {item["name"]: item["met"] for item in targets({"awq": {"ratios": found}})}
     assert met["AWQ ÷ GPTQ seconds per layer, phi4-mini width, 8x128 tokens"] is True
     assert parse(["--only", "awq", "--awq-sizes", "8x128"]).awq_sizes == "8x128"

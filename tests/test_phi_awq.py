@@ -136,8 +136,25 @@ def test_statistics_match_the_consumer_inputs():
     x = seen[0].reshape(-1, seen[0].shape[-1])
     stats = collect_statistics(model, samples, ["model.layers.1.mlp.down_proj"])["model.layers.1.mlp.down_proj"]
     assert stats.tokens == 120
-    assert torch.allclose(stats.gram, x.T @ x, rtol=1e-4, atol=1e-3)
+    gram = x.T @ x  # in bfloat16 products where the CPU has AMX (fast_dtype): within 0.5% of float32's
+    assert float((stats.gram - gram).norm() / gram.norm()) < 5e-3
+    assert float(((stats.gram.diagonal() - gram.diagonal()) / gram.diagonal()).abs().max()) < 1e-2
     assert torch.allclose(stats.mean_abs, x.abs().mean(0), rtol=1e-5)
+
+
+def test_statistics_in_float32_are_exact(monkeypatch):
+    import compress.quantize.phi_awq as phi_awq
+
+    monkeypatch.setattr(phi_awq, "BFLOAT16_SEARCH", False)
+    model = embedded()
+    samples = np.random.default_rng(3).integers(0, model.config.vocab_size, (2, 40))
+    seen = []
+    handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0]))
+    logits(model, torch.as_tensor(samples))
+    handle.remove()
+    x = seen[0].reshape(-1, seen[0].shape[-1])
+    stats = collect_statistics(model, samples, ["model.layers.1.mlp.down_proj"])["model.layers.1.mlp.down_proj"]
+    assert torch.allclose(stats.gram, x.T @ x, rtol=1e-4, atol=1e-3)
 
 
 def test_mappings_skip_consumers_kept_in_float():
