@@ -2,9 +2,10 @@
 
 A decoder layer's time is three parts, each counted in floating-point operations from the model's shapes:
 
-    passes   the two forwards over the calibration tokens (one gathers the inputs' statistics, one gives the next
-             layer its inputs) and the statistics themselves (X^T X of each quantized linear's inputs): per token
-             2 x (2 x sum of out x in + 4 x seq_len x attention width) + 2 x sum of in^2;
+    passes   the forwards over the calibration tokens (one gathers the inputs' statistics, one gives the next
+             layer its inputs; awq-gptq gathers twice) and the statistics themselves (X^T X of each quantized
+             linear's inputs): per token and forward 2 x sum of out x in + 4 x seq_len x attention width, per
+             token and statistic 2 x sum of in^2;
     method   the method's own work on those statistics, k_square x sum of out x in^2 + k_linear x sum of out x in:
              GPTQ's solve (llm-compressor's quantize_weight: its updates and its per-column loop), Phi-aware
              AWQ's scale and clipping searches (screened candidates on every weight, two whole-Gram checks);
@@ -31,6 +32,7 @@ METHOD_SECONDS = {  # method: (per out x in^2, per out x in); fitted at Phi-4-mi
     "rtn": (0.0, 0.0),  # its rounding is the layer term
 }
 AMX_SPEEDUP = 4.5  # bfloat16 products on AMX against float32 (phi_awq.fast_dtype), measured on Phi-4's Gram matrices
+AMX_STATISTICS_SPEEDUP = 2.0  # AWQ's Gram matrices gathered in bfloat16 products (awq_search.statistics_hooks)
 
 
 @dataclass(frozen=True)
@@ -55,17 +57,21 @@ def linears(shapes) -> list[tuple[int, int]]:
 
 def layer_time(shapes, method: str, tokens: int, seq_len: int, rate: float = REFERENCE_RATE, amx: bool = True) -> LayerTime:
     """Seconds one decoder layer of `shapes` takes to calibrate with `method` on `tokens` tokens in windows of
-    `seq_len`, on a machine whose float32 matmul rate is `rate`."""
+    `seq_len`, on a machine whose float32 matmul rate is `rate` (`amx`: it multiplies bfloat16 in hardware)."""
     pairs = linears(shapes)
     weights = sum(out * width for out, width in pairs)
-    per_token = 2 * (2 * weights + 4 * seq_len * shapes.heads * shapes.head_dim) + 2 * sum(width**2 for _, width in pairs)
-    slower = REFERENCE_RATE / rate
+    forward = 2 * weights + 4 * seq_len * shapes.heads * shapes.head_dim  # per token
+    statistics = 2 * sum(width**2 for _, width in pairs)  # per token, X^T X of each linear's inputs
+    parts = ("awq", "gptq") if method == "awq-gptq" else (method,)
+    per_token = forward * (1 + len(parts))  # a forward that gathers each method's statistics, one for the next layer
     method_seconds = 0.0
-    for part in ("awq", "gptq") if method == "awq-gptq" else (method,):
+    for part in parts:
+        per_token += statistics / (AMX_STATISTICS_SPEEDUP if part == "awq" and amx else 1)
         square, linear = METHOD_SECONDS[part]
         if part == "awq" and not amx:
             square *= AMX_SPEEDUP
         method_seconds += sum(square * out * width**2 + linear * out * width for out, width in pairs)
+    slower = REFERENCE_RATE / rate
     return LayerTime(tokens * per_token * PASS_SECONDS * slower, method_seconds * slower, weights * LAYER_SECONDS * slower)
 
 

@@ -264,9 +264,9 @@ def search_scale(weight, stats: Statistics, columns_to_channel, bits: int, group
     group) for alpha on a grid in [0, 1), each evaluated through a Sketch of the Gram matrix, all of them on
     a quarter of the rows and the best FINALISTS on all (screened_errors); the best is then evaluated on the
     whole Gram matrix against alpha = 0 of the first form (s = 1, plain RTN) and kept only if it is lower, so
-    the result is never worse than RTN on this objective (to bfloat16's 1e-3 where fast_dtype uses it). `columns_to_channel` maps each consumer
-    input column to its channel (identity except for v->o, where query heads share their KV head's channel);
-    a channel's magnitudes are the means over its columns.
+    the result is never worse than RTN on this objective (to bfloat16's 1e-3 where fast_dtype uses it).
+    `columns_to_channel` maps each consumer input column to its channel (identity except for v->o, where query
+    heads share their KV head's channel); a channel's magnitudes are the means over its columns.
     """
     import torch
 
