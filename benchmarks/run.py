@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     if "fullsize" in options.only:  # -phi4-1-2 for the depths, -rehearsal when it ran
         depths = [d.strip() for d in options.fullsize_depths.split(",") if d.strip()]
         stem += (f"-phi4-{options.fullsize_method}-" + "-".join(depths) if depths else "") + ("" if options.no_rehearsal else "-rehearsal")
-    if "awq" in options.only:  # -8x128 when only the small size ran
+    if "awq" in options.only:  # -8x128 when only the small size ran, -phi4 when only that width
         stem += "" if options.awq_sizes == "8x128,256x2048" else "-" + options.awq_sizes.replace(",", "-")
+        stem += "" if options.awq_widths == "phi4-mini,phi4" else "-" + options.awq_widths.replace(",", "-")
     results["meta"] = {"date": date.today().isoformat(), "environment": env, "seconds": round(time.perf_counter() - started, 1),
                        "command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
                        "options": {key: value for key, value in vars(options).items()}}

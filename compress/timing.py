@@ -12,9 +12,10 @@ A decoder layer's time is three parts, each counted in floating-point operations
     layer    reading the layer, rounding, packing and writing it: in proportion to its weights.
 
 Each constant is seconds per operation on the machine that measured it (REFERENCE_RATE, its float32 matmul rate,
-2 threads), fitted to benchmarks/awq.py's side-by-side figures at 8x128 tokens (benchmarks/results/
-2026-12-04-vm-awq-8x128.md) and checked against its larger calibration (tests/test_timing.py); on another
-machine they scale with the rate `machine_rate` times there. The search's whole-Gram checks run in
+2 threads), fitted to benchmarks/awq.py's side-by-side figures (benchmarks/results/2026-12-04-vm-awq-*.md: the
+methods' own work and the layer term at 8x128 tokens, the passes at 256x2048 at Phi-4-mini width) and checked
+against every measured layer, Phi-4 width at 256x2048 included (tests/test_timing.py); on another machine they
+scale with the rate `machine_rate` times there. The search's whole-Gram checks run in
 bfloat16 where the CPU has AMX (phi_awq.fast_dtype), 4.5x float32's speed: without it they count 4.5x.
 """
 
@@ -24,15 +25,16 @@ import time
 from dataclasses import dataclass
 
 REFERENCE_RATE = 4.1e11  # FLOP/s of a 1024^3 float32 matmul on 2 threads of the machine the constants come from
-PASS_SECONDS = 1 / (0.5 * REFERENCE_RATE)  # per operation of the passes: half the matmul rate
-LAYER_SECONDS = 8.6e-9  # per weight: AWQ's layer time less its search and passes, mean of both widths
+PASS_SECONDS = 1.57e-12  # per operation of the passes (1.55x REFERENCE_RATE: 2048-token windows multiply big matrices)
+LAYER_SECONDS = 2.94e-8  # per weight: AWQ's layer time at 8x128 tokens less its search and passes, mean of both widths
 METHOD_SECONDS = {  # method: (per out x in^2, per out x in); fitted at Phi-4-mini and Phi-4 widths, 8x128 tokens
-    "gptq": (1.93e-11, 1.34e-7),  # benchmarks/awq.py's GPTQ layer less its passes and LAYER_SECONDS
-    "awq": (6.80e-12, 1.05e-7),  # benchmarks/awq.py's AWQ search seconds (scale and clipping searches)
+    "gptq": (1.95e-11, 1.30e-7),  # GPTQ's layer less its passes and LAYER_SECONDS
+    "awq": (6.80e-12, 1.05e-7),  # AWQ's search seconds (scale and clipping searches)
     "rtn": (0.0, 0.0),  # its rounding is the layer term
 }
+GPTQ_STATISTICS = 1.64  # llm-compressor's accumulate_hessian against a plain X^T X (a scaled copy, H rescaled per window)
 AMX_SPEEDUP = 4.5  # bfloat16 products on AMX against float32 (phi_awq.fast_dtype), measured on Phi-4's Gram matrices
-AMX_STATISTICS_SPEEDUP = 2.0  # AWQ's Gram matrices gathered in bfloat16 products (awq_search.statistics_hooks)
+AMX_STATISTICS_SPEEDUP = 2.0  # AWQ's Gram matrices gathered in bfloat16 products (1.8-3x a window, measured)
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ def layer_time(shapes, method: str, tokens: int, seq_len: int, rate: float = REF
     per_token = forward * (1 + len(parts))  # a forward that gathers each method's statistics, one for the next layer
     method_seconds = 0.0
     for part in parts:
-        per_token += statistics / (AMX_STATISTICS_SPEEDUP if part == "awq" and amx else 1)
+        cost = GPTQ_STATISTICS if part == "gptq" else (1 / AMX_STATISTICS_SPEEDUP if amx else 1)
+        per_token += statistics * cost
         square, linear = METHOD_SECONDS[part]
         if part == "awq" and not amx:
             square *= AMX_SPEEDUP
