@@ -15,8 +15,9 @@ Each constant is seconds per operation on the machine that measured it (REFERENC
 2 threads), fitted to benchmarks/awq.py's side-by-side figures (benchmarks/results/2026-12-04-vm-awq-*.md: the
 methods' own work and the layer term at 8x128 tokens, the passes at 256x2048 at Phi-4-mini width) and checked
 against every measured layer, Phi-4 width at 256x2048 included (tests/test_timing.py); on another machine they
-scale with the rate `machine_rate` times there. The search's whole-Gram checks run in
-bfloat16 where the CPU has AMX (phi_awq.fast_dtype), 4.5x float32's speed: without it they count 4.5x.
+scale with the rate `machine_rate` times there. AWQ multiplies in bfloat16 where the CPU has AMX
+(phi_awq.fast_dtype): without it its search counts AMX_SEARCH_SPEEDUP times longer and its statistics
+AMX_STATISTICS_SPEEDUP times.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ METHOD_SECONDS = {  # method: (per out x in^2, per out x in); fitted at Phi-4-mi
     "rtn": (0.0, 0.0),  # its rounding is the layer term
 }
 GPTQ_STATISTICS = 1.64  # llm-compressor's accumulate_hessian against a plain X^T X (a scaled copy, H rescaled per window)
-AMX_SPEEDUP = 4.5  # bfloat16 products on AMX against float32 (phi_awq.fast_dtype), measured on Phi-4's Gram matrices
+AMX_SEARCH_SPEEDUP = 1.5  # AWQ's search with bfloat16 products (phi_awq.fast_dtype) against float32: 77.7 / 52.0 s, Phi-4 width
 AMX_STATISTICS_SPEEDUP = 2.0  # AWQ's Gram matrices gathered in bfloat16 products (1.8-3x a window, measured)
 
 
@@ -71,9 +72,8 @@ def layer_time(shapes, method: str, tokens: int, seq_len: int, rate: float = REF
         cost = GPTQ_STATISTICS if part == "gptq" else (1 / AMX_STATISTICS_SPEEDUP if amx else 1)
         per_token += statistics * cost
         square, linear = METHOD_SECONDS[part]
-        if part == "awq" and not amx:
-            square *= AMX_SPEEDUP
-        method_seconds += sum(square * out * width**2 + linear * out * width for out, width in pairs)
+        slower_search = AMX_SEARCH_SPEEDUP if part == "awq" and not amx else 1
+        method_seconds += slower_search * sum(square * out * width**2 + linear * out * width for out, width in pairs)
     slower = REFERENCE_RATE / rate
     return LayerTime(tokens * per_token * PASS_SECONDS * slower, method_seconds * slower, weights * LAYER_SECONDS * slower)
 
