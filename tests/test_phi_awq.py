@@ -126,15 +126,20 @@ def test_fake_quantize_is_llm_compressors_rtn(symmetric):
         assert torch.equal(fake_quantize(weight, 4, 32, symmetric), theirs)
 
 
-def test_statistics_match_the_consumer_inputs():
+def down_proj_inputs_and_statistics(windows: int):
+    """Layer 1 down_proj's inputs over `windows` random windows of 40 tokens, and collect_statistics' of them."""
     model = embedded()
-    samples = np.random.default_rng(3).integers(0, model.config.vocab_size, (3, 40))
+    samples = np.random.default_rng(3).integers(0, model.config.vocab_size, (windows, 40))
     seen = []
     handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0]))
     logits(model, torch.as_tensor(samples))
     handle.remove()
     x = seen[0].reshape(-1, seen[0].shape[-1])
-    stats = collect_statistics(model, samples, ["model.layers.1.mlp.down_proj"])["model.layers.1.mlp.down_proj"]
+    return x, collect_statistics(model, samples, ["model.layers.1.mlp.down_proj"])["model.layers.1.mlp.down_proj"]
+
+
+def test_statistics_match_the_consumer_inputs():
+    x, stats = down_proj_inputs_and_statistics(3)
     assert stats.tokens == 120
     gram = x.T @ x  # in bfloat16 products where the CPU has AMX (fast_dtype): within 0.5% of float32's
     assert float((stats.gram - gram).norm() / gram.norm()) < 5e-3
@@ -146,14 +151,7 @@ def test_statistics_in_float32_are_exact(monkeypatch):
     import compress.quantize.phi_awq as phi_awq
 
     monkeypatch.setattr(phi_awq, "BFLOAT16_SEARCH", False)
-    model = embedded()
-    samples = np.random.default_rng(3).integers(0, model.config.vocab_size, (2, 40))
-    seen = []
-    handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0]))
-    logits(model, torch.as_tensor(samples))
-    handle.remove()
-    x = seen[0].reshape(-1, seen[0].shape[-1])
-    stats = collect_statistics(model, samples, ["model.layers.1.mlp.down_proj"])["model.layers.1.mlp.down_proj"]
+    x, stats = down_proj_inputs_and_statistics(2)
     assert torch.allclose(stats.gram, x.T @ x, rtol=1e-4, atol=1e-3)
 
 

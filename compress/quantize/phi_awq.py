@@ -22,6 +22,7 @@ only input that changes is the consumer's own, by 1 / s, which the formula alrea
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,8 +139,16 @@ def fast_dtype(tensor):
     tensor's own otherwise."""
     import torch
 
-    amx = tensor.device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    amx = tensor.device.type == "cpu" and _has_amx()
     return torch.bfloat16 if amx and BFLOAT16_SEARCH else tensor.dtype
+
+
+@functools.cache
+def _has_amx() -> bool:
+    """Asked once: fast_dtype runs in a hook at every calibration window."""
+    import torch
+
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 ERROR_ELEMENTS = 2**22  # weights output_error and the weight statistic take at a time (16 MiB in float32)
