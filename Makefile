@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint fast-test model browser clean
+.PHONY: install demo test lint fast-test model browser clean llama-cpp
 
 INSTALL_LOG := $(VENV)/install.log
 PIP := PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 $(PY) -m pip install --quiet --no-warn-script-location
@@ -22,7 +22,19 @@ $(STAMP): pyproject.toml | $(PY)
 	  { cat $(INSTALL_LOG); echo "make install failed; pip's output is above and in $(INSTALL_LOG)"; exit 1; }
 	@touch $(STAMP)
 
-install: $(STAMP)
+# llama.cpp (tools, library, converter) from the pinned llama-cpp-python 0.3.36 sdist, built once per machine
+# into $$COMPRESS_CACHE or ~/.cache/compress (about 3-6 minutes on 2 cores); then its Python bindings, installed
+# without a library of their own (they load the one built here).
+LLAMA_STAMP := $(VENV)/.llama-cpp
+$(LLAMA_STAMP): $(STAMP) compress/runtimes/llama_cpp_tools.py
+	@$(PY) -m compress.runtimes.llama_cpp_tools build
+	@CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PIP) "$$($(PY) -c 'from compress.runtimes.llama_cpp_tools import source; print(source())')" >> $(INSTALL_LOG) 2>&1 || \
+	  { tail -30 $(INSTALL_LOG); echo "installing llama-cpp-python's bindings failed; pip's output is in $(INSTALL_LOG)"; exit 1; }
+	@touch $(LLAMA_STAMP)
+
+install: $(STAMP) $(LLAMA_STAMP)
+
+llama-cpp: $(LLAMA_STAMP)
 
 demo: install
 	@$(VENV)/bin/compress run recipes/tiny-phi4-mini.yaml --out runs/demo

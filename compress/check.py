@@ -25,8 +25,11 @@ class FormatError(ValueError):
 
 def detect_format(folder: Path) -> str:
     """The artifact format, from the folder's own files."""
+    if folder.is_file() and folder.suffix == ".gguf" or folder.is_dir() and len(list(folder.glob("*.gguf"))) == 1:
+        return "gguf"
     if not folder.is_dir():
-        raise FormatError(f"artifact folder {folder} does not exist")
+        raise FormatError(f"artifact folder {folder} does not exist" if not folder.exists() else
+                          f"{folder} is a file; compress verify takes an artifact folder or a .gguf file")
     if (folder / "genai_config.json").is_file() and any(folder.glob("*.onnx")):
         return "onnx"
     config_file = folder / "config.json"
@@ -63,6 +66,41 @@ def truncation_problems(folder: Path) -> list[str]:
     for graph in sorted(folder.glob("*.onnx")):
         problems += _onnx_external_data_problems(graph)
     return problems
+
+
+def gguf_problems(file: Path) -> list[str]:
+    """A GGUF file that cannot be read, or is shorter than its tensor table says."""
+    from compress.export.gguf import gguf_module
+
+    size = file.stat().st_size
+    try:
+        reader = gguf_module().GGUFReader(str(file))
+    except Exception as error:  # gguf-py raises ValueError, struct.error, IndexError on damaged headers
+        return [f"{file.name} cannot be read as GGUF ({type(error).__name__}: {str(error)[:80]}): it is damaged or truncated"]
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        return [f"{file.name} is truncated: its tensor table needs {end} bytes but the file has {size}"]
+    return []
+
+
+def gguf_tokenizer_problems(file: Path, baseline_tokenizer, text: str, work: Path) -> list[str]:
+    """The GGUF's own vocabulary, as llama.cpp tokenizes with it, must encode the evaluation text exactly as the
+    baseline's tokenizer does."""
+    from compress.export.gguf import GgufError, llama_tokens
+
+    work.mkdir(parents=True, exist_ok=True)
+    text_file = work / "tokenizer-check.txt"
+    text_file.write_text(text, encoding="utf-8")
+    try:
+        ours = llama_tokens(file, text_file, work / "tokenizer-check.log").tolist()
+    except GgufError as error:
+        return [f"llama.cpp cannot tokenize with {file.name}'s vocabulary ({error})"]
+    theirs = baseline_tokenizer(text, add_special_tokens=False)["input_ids"]
+    if ours == theirs:
+        return []
+    first = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs)))
+    return [f"{file.name}'s vocabulary encodes the evaluation text differently from the baseline's tokenizer in llama.cpp "
+            f"(first difference at token {first}; {len(ours)} vs {len(theirs)} tokens): it belongs to another model"]
 
 
 def _onnx_external_data_problems(graph: Path) -> list[str]:

@@ -80,7 +80,7 @@ def run(
 
 @app.command()
 def verify(
-    artifact: Annotated[Path, typer.Argument(help="Artifact folder: compressed-tensors, GPTQ v1, AWQ or ONNX GenAI.")],
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder (compressed-tensors, GPTQ v1, AWQ, ONNX GenAI) or a .gguf file.")],
     baseline: Annotated[str, typer.Option("--baseline", help="The original model: folder, hub id or builtin:NAME.")],
     recipe: Annotated[Path | None, typer.Option("--recipe", help="Take evaluation settings and gates from this recipe.")] = None,
     target: Annotated[list[str], typer.Option("--target", help="Target to verify on (repeatable).")] = ["cpu"],  # noqa: B006

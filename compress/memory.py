@@ -174,6 +174,22 @@ def onnx_runtime(weights: OnnxWeights, shapes: Shapes, seq_len: int) -> int:
     return OVERHEAD + max(held + weights.largest, running) + weights.other // 64
 
 
+def llama_cpp_runtime(file_bytes: int, shapes: Shapes, seq_len: int) -> int:
+    """llama.cpp (compress.runtimes.llama_cpp) holding a GGUF: the file memory-mapped and read whole, an F32 KV
+    cache of a window, every position's logits (its own buffer and the bindings' copy) and a scored block's
+    log-probs and exponentials."""
+    from compress.verify.accuracy import BLOCK_ROWS
+
+    kv = 2 * shapes.layers * shapes.kv_heads * shapes.head_dim * seq_len * 4
+    logits = 2 * seq_len * shapes.vocab * 4 + 2 * BLOCK_ROWS * shapes.vocab * 4
+    return OVERHEAD + file_bytes + kv + logits
+
+
+def gguf_imatrix(float_gguf_bytes: int, shapes: Shapes, seq_len: int) -> int:
+    """llama-imatrix: the float GGUF mapped and read whole, a chunk's activations and logits."""
+    return OVERHEAD + float_gguf_bytes + seq_len * (shapes.vocab + 4 * shapes.intermediate) * 4
+
+
 def onnx_build(shapes: Shapes, method: str, from_float: bool = False, head_rounded: bool = True) -> int:
     """The ONNX GenAI builder's peak.
 
@@ -238,6 +254,12 @@ def run_estimates(info, recipe, budget: int) -> dict[str, tuple[int, bool]]:
     stages = {"baseline accuracy (layer by layer)": (baseline_accuracy(shapes, evaluation.windows, evaluation.seq_len, budget), True),
               "baseline speed and generations (whole model in transformers)": (baseline_whole_model_cpu(shapes, evaluation.seq_len), False)}
     for variant in recipe.variants:
+        if variant.method == "gguf":
+            float_bytes = info.parameters * (4 if info.stored_dtype == "F32" else 2)
+            if variant.uses_imatrix:
+                stages["llama-imatrix (the float GGUF whole)"] = (gguf_imatrix(float_bytes, shapes, calibration_set.seq_len), False)
+            stages[f"{variant.name} in llama.cpp"] = (llama_cpp_runtime(int(float_bytes * 0.35), shapes, evaluation.seq_len), False)
+            continue
         if variant.is_onnx:
             # the builder rounds the head itself where the plan quantizes it (calibrated folders never do)
             plan = _onnx_plan(info.config, variant)

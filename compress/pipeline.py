@@ -114,9 +114,10 @@ def _print_time_estimates(recipe: Recipe, info: ModelInfo, console: Console) -> 
 def estimate_disk(recipe: Recipe, info: ModelInfo) -> int:
     """Bytes a run writes, on the generous side: each artifact at most half the stored model (int4/int8
     weights, scales, a float head), a saved calibration per calibrated variant, fp32 graphs where built."""
-    artifacts = sum(len(v.formats) + (0 if v.is_onnx else 1) for v in recipe.variants)
+    artifacts = sum(len(v.formats) + (1 if v.calibrated else 0) for v in recipe.variants)
     fp32_graphs = sum(v.method == "onnx-int8-dynamic" for v in recipe.variants)
-    return int(info.weight_bytes * 0.5 * artifacts + info.parameters * 4 * fp32_graphs + 64 * 2**20)
+    float_gguf = info.weight_bytes if any(v.method == "gguf" for v in recipe.variants) else 0  # shared by gguf variants
+    return int(info.weight_bytes * 0.5 * artifacts + info.parameters * 4 * fp32_graphs + float_gguf + 64 * 2**20)
 
 
 def _existing_parent(path: Path) -> Path:
@@ -221,7 +222,7 @@ def verify_artifact(recipe: Recipe, variant: Variant, artifact: Artifact, baseli
     """Load the exported artifact back from disk on each target, measure it, and check the gates. On the CPU,
     where the baseline fits beside the artifact, its speed is taken in turn with `baseline_speed`'s."""
     gates = recipe.gates_for(variant).model_dump()
-    runtime = "transformers" if artifact.runtime == "transformers" else "onnxruntime-genai"
+    runtime = artifact.runtime if artifact.runtime in ("transformers", "llama.cpp") else "onnxruntime-genai"
     verdicts = {}
     for target in recipe.targets:
         if target in artifact.skipped:
@@ -281,6 +282,8 @@ def _whole_artifact_bytes(artifact: Artifact, runtime: str, info: ModelInfo, rec
     shapes = memory.Shapes.from_info(info)
     if runtime == "transformers":
         return memory.whole_model_cpu(shapes, recipe.evaluation.seq_len)
+    if runtime == "llama.cpp":
+        return memory.llama_cpp_runtime(artifact.size_bytes, shapes, recipe.evaluation.seq_len)
     return memory.onnx_runtime(onnx_weight_bytes(artifact.runnable or artifact.path), shapes, recipe.evaluation.seq_len)
 
 
@@ -375,7 +378,8 @@ def run(recipe: Recipe, recipe_path: str, out: Path, model_spec: str | None = No
                 bar.update(task, description=f"{variant.name}: quantizing ({variant.method})")
                 if not beside_every_stage:
                     baseline_speed.close()
-                artifacts = produce(variant, recipe, info, data.samples, out, calibration_stamp(variant, context), budget)
+                artifacts = produce(variant, recipe, info, data.samples, out, calibration_stamp(variant, context), budget,
+                                    data.stop_ids)
                 for artifact in artifacts:
                     bar.update(task, description=f"{variant.name}: verifying {artifact.format}")
                     verdicts = verify_artifact(recipe, variant, artifact, baseline, data, out, info, budget, baseline_speed)

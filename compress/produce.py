@@ -66,7 +66,7 @@ def calibrated_folder(run_dir: Path, variant: str) -> Path:
 
 
 def produce(variant, recipe, info: ModelInfo, samples, run_dir: Path, stamp: str = "",
-            budget_bytes: int | None = None) -> list[Artifact]:
+            budget_bytes: int | None = None, stop_ids: list[int] = ()) -> list[Artifact]:
     """Every artifact of `variant`, written into staging/ with what its quantization decided.
 
     A calibration saved by an earlier run with the same `stamp` (same settings, model, data, versions) is
@@ -76,6 +76,10 @@ def produce(variant, recipe, info: ModelInfo, samples, run_dir: Path, stamp: str
     with library_output_to(space.log):
         if variant.is_onnx:
             return _onnx_artifacts(variant, recipe, info, run_dir, space, budget_bytes)
+        if variant.method == "gguf":
+            from compress.produce_gguf import gguf_artifacts
+
+            return gguf_artifacts(variant, recipe, info, samples, run_dir, space, stop_ids, budget_bytes)
         return _calibrated_artifacts(variant, recipe, info, samples, run_dir, space, stamp, budget_bytes)
 
 

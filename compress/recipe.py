@@ -28,11 +28,20 @@ FORMATS_BY_METHOD = {
     "onnx-int4": ("onnx",),
     "onnx-int8": ("onnx",),
     "onnx-int8-dynamic": ("onnx",),
+    "gguf": ("gguf",),
 }
 METHODS = tuple(FORMATS_BY_METHOD)
 ONNX_METHODS = ("onnx-int4", "onnx-int8", "onnx-int8-dynamic")
 ONNX_BITS = {"onnx-int4": 4, "onnx-int8": 8, "onnx-int8-dynamic": 8}
-CALIBRATED_METHODS = ("gptq", "awq", "awq-gptq", "rtn")  # their integer weights can be carried into ONNX with `from:`
+CALIBRATED_METHODS = ("gptq", "awq", "awq-gptq", "rtn")  # their integer weights can be carried into ONNX and GGUF with `from:`
+# llama-quantize's types (llama-cpp-python 0.3.36's llama.cpp, `llama-quantize --help`).
+GGUF_TYPES = (
+    "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q2_K_S", "Q3_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K", "Q4_K_S",
+    "Q4_K_M", "Q5_K", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS",
+    "IQ3_XS", "IQ3_S", "IQ3_M", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "F16", "BF16", "F32",
+)
+# The IQ1/IQ2 types are unusable without an importance matrix: llama-quantize refuses them.
+GGUF_NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S")
 TARGETS = ("cpu", "cuda")
 BITS = (2, 3, 4, 8)
 ONNX_ALGORITHMS = ("default", "rtn", "k_quant")
@@ -141,7 +150,9 @@ class Variant(Strict):
     awq_mappings: Literal["phi", "stock"] = "phi"
     accuracy_level: int = Field(4, ge=0, le=4)  # ONNX: MatMulNBits compute type (4 int8, 1 fp32, 0 EP default)
     algorithm: str = "default"  # ONNX builder's own weight algorithm: default, rtn, k_quant
-    from_: str | None = Field(None, alias="from")  # ONNX int4: carry this earlier variant's integer weights
+    from_: str | None = Field(None, alias="from")  # ONNX int4, GGUF: carry this earlier variant's integer weights
+    quant: str = "Q4_K_M"  # GGUF: llama-quantize's type
+    imatrix: bool | None = None  # GGUF: llama.cpp's importance matrix on the calibration tokens (default: K- and IQ-quants)
     overrides: list[Override] = []
     preset: Literal["phi4-safe"] | None = None
     gates: Gates | None = None
@@ -151,6 +162,17 @@ class Variant(Strict):
     @property
     def is_onnx(self) -> bool:
         return self.method in ONNX_METHODS
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether compress itself calibrates this variant (a compressed-tensors folder comes of it)."""
+        return self.method in CALIBRATED_METHODS
+
+    @property
+    def uses_imatrix(self) -> bool:
+        if self.method != "gguf" or self.from_:
+            return False
+        return self.imatrix if self.imatrix is not None else bool(re.match(r"^(Q\d_K|IQ)", self.quant))
 
     def layer_overrides(self) -> list[Override]:
         """The variant's own overrides, then its preset's: first match wins."""
@@ -216,16 +238,37 @@ class Variant(Strict):
                     "use bits: 16 (or skip) to keep other layers unquantized"
                 )
         else:
-            for field in ("from_", "accuracy_level", "algorithm"):
+            for field in ("accuracy_level", "algorithm"):
                 if field in self.model_fields_set:
-                    raise ValueError(f"{field.rstrip('_')}: only ONNX methods take this option, not {self.method}")
-        if self.from_ is not None and self.method != "onnx-int4":
-            raise ValueError(f"from: only onnx-int4 can carry an earlier variant's weights, not {self.method}")
+                    raise ValueError(f"{field}: only ONNX methods take this option, not {self.method}")
+        if self.method == "gguf":
+            self._check_gguf()
+        else:
+            for field in ("quant", "imatrix"):
+                if field in self.model_fields_set:
+                    raise ValueError(f"{field}: only gguf variants take this option, not {self.method}")
+        if self.from_ is not None and self.method not in ("onnx-int4", "gguf"):
+            raise ValueError(f"from: only onnx-int4 and gguf can carry an earlier variant's weights, not {self.method}")
         if self.n_grid != 20 and not self.method.startswith("awq"):
             raise ValueError(f"n_grid: only awq and awq-gptq search a grid, not {self.method}")
         if "awq_mappings" in self.model_fields_set and self.method != "awq":
             raise ValueError(f"awq_mappings: only awq takes this option, not {self.method} (awq-gptq always uses phi)")
         return self
+
+    def _check_gguf(self) -> None:
+        for field in ("bits", "group_size", "symmetric"):
+            if field in self.model_fields_set:
+                raise ValueError(f"{field}: a gguf variant's precision is its quant: (one of llama-quantize's types), not {field}")
+        if self.from_ is not None:
+            for field in ("quant", "imatrix", "ignore", "overrides", "preset"):
+                if field in self.model_fields_set:
+                    raise ValueError(f"{field}: a gguf variant with from: writes that variant's integer weights and its "
+                                     "float layers as they are; it takes no {field}".replace("{field}", field))
+            return
+        if self.quant not in GGUF_TYPES:
+            raise ValueError(f"quant: {self.quant!r} is not a llama-quantize type; known: {', '.join(GGUF_TYPES)}")
+        if self.quant in GGUF_NEEDS_IMATRIX and self.imatrix is False:
+            raise ValueError(f"imatrix: llama-quantize refuses {self.quant} without an importance matrix")
 
 
 class Recipe(Strict):
@@ -281,6 +324,11 @@ class Recipe(Strict):
                 where = ("variants", index, "from")
                 if source is None:
                     raise LocatedError(where, f"no earlier variant is named {variant.from_!r}")
+                if variant.method == "gguf":
+                    if reason := _gguf_source_problem(source):
+                        raise LocatedError(where, f"{variant.from_!r} cannot go into GGUF blocks exactly: {reason}")
+                    earlier[variant.name] = variant
+                    continue
                 if source.method not in CALIBRATED_METHODS or source.bits != 4:
                     raise LocatedError(where, f"{variant.from_!r} is {source.method} at {source.bits} bits; "
                                               "only 4-bit gptq, awq or rtn weights can go into an ONNX int4 graph")
@@ -298,6 +346,19 @@ class Recipe(Strict):
     def digest(self) -> str:
         """sha256 of the resolved recipe, so a manifest names exactly what produced it."""
         return hashlib.sha256(json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True).encode()).hexdigest()
+
+
+def _gguf_source_problem(source: Variant) -> str | None:
+    """Why a variant's integer weights cannot be written as exact GGUF blocks, or None."""
+    from compress.export.gguf_blocks import why_not_exact
+
+    if not source.calibrated:
+        return f"it is a {source.method} variant; only gptq, awq, awq-gptq and rtn variants have integer weights to carry"
+    if reason := why_not_exact(source.bits, source.group_size, source.symmetric):
+        return reason
+    if any(rule.bits == 8 for rule in source.layer_overrides()) and why_not_exact(8, source.group_size, source.symmetric):
+        return "its 8-bit layers are asymmetric, and Q8_0 has no zero point"
+    return None
 
 
 # Canonical layer names of a Phi-3 block, to tell statically what an override's pattern reaches.

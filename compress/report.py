@@ -39,6 +39,7 @@ def build_report(out: Path, recipe, info, baseline, outcomes, context) -> dict:
             "awq_skipped_mappings": artifact.details.get("awq", {}).get("skipped"),
             "awq": artifact.details.get("awq"),
             "builder_options": artifact.details.get("builder_options"),
+            "gguf": artifact.details.get("gguf"),
             "sensitivity": artifact.details.get("sensitivity"),
             "resumed": artifact.details.get("resumed"),
             "targets": {
@@ -259,6 +260,21 @@ def verdict_lines(report: dict) -> list[str]:
             lines.extend(f"{label}: {line}" for line in awq_lines(variant["awq"]))
         if variant.get("from"):
             lines.append(f"{label}: weights are the {variant['from']}")
+        if variant.get("gguf"):
+            lines.extend(f"{label}: {line}" for line in gguf_lines(variant["gguf"]))
+    return lines
+
+
+def gguf_lines(gguf: dict) -> list[str]:
+    """A GGUF file's tensor types as written, its importance matrix, and the tensors llama.cpp gave another type."""
+    types = ", ".join(f"{kind} {count}" for kind, count in gguf.get("tensor_types", {}).items())
+    lines = [f"tensor types written: {types}" + (f" (llama-quantize {gguf['quant']})" if gguf.get("quant") else "")]
+    if gguf.get("imatrix"):
+        lines.append(f"importance matrix: {gguf['imatrix']}")
+    fell_back = gguf.get("fell_back") or {}
+    if fell_back:
+        shown = "; ".join(f"{name}: {why}" for name, why in list(fell_back.items())[:4])
+        lines.append(f"{len(fell_back)} tensor(s) fell back to another type: {shown}" + (" …" if len(fell_back) > 4 else ""))
     return lines
 
 

@@ -86,7 +86,7 @@ def calibration_estimates(shapes, recipe, rate: float, amx: bool) -> list[tuple[
     calibration = recipe.calibration
     estimates = []
     for variant in recipe.variants:
-        if variant.is_onnx or needs_whole_model(variant):
+        if not variant.calibrated or needs_whole_model(variant):
             continue
         tokens = 0 if variant.method == "rtn" else calibration.samples * calibration.seq_len
         estimates.append((variant, layer_time(shapes, variant.method, tokens, calibration.seq_len, rate, amx)))

@@ -12,18 +12,27 @@ from pathlib import Path
 from rich.console import Console
 
 from compress import memory
-from compress.check import detect_format, quantized_layers, tokenizer_problems, truncation_problems, weight_problems
+from compress.check import (
+    detect_format,
+    gguf_problems,
+    gguf_tokenizer_problems,
+    quantized_layers,
+    tokenizer_problems,
+    truncation_problems,
+    weight_problems,
+)
 from compress.data import load_documents
 from compress.export.onnx_genai import HEAD_NODE, run_builder
 from compress.pipeline import baseline_speed_server, baseline_stages, decide, verify_artifact
 from compress.recipe import Gates, Recipe, Variant
 from compress.report import write_report
 from compress.results import FAIL, NOT_VERIFIED, Artifact, Outcome, Verdict
+from compress.runtimes.llama_cpp import gguf_file
 from compress.ui import stage
-from compress.verify.size import checkpoint_bits, folder_bytes, onnx_bits_per_weight, read_onnx
+from compress.verify.size import checkpoint_bits, folder_bytes, gguf_bits, onnx_bits_per_weight, read_onnx
 
 RUNTIMES = {"compressed-tensors": "transformers", "gptq": "onnxruntime-genai", "awq": "onnxruntime-genai",
-            "onnx": "onnxruntime-genai"}
+            "onnx": "onnxruntime-genai", "gguf": "llama.cpp"}
 DEFAULT_GATES = Gates(max_kld=0.1, min_top1=0.8, max_ppl_ratio=1.2)  # when no recipe names its own
 
 
@@ -46,7 +55,7 @@ def _artifact_name(folder: Path) -> str:
     """The folder's name, or its parent's where the folder is named after its format (release/<variant>/<format>)."""
     import re
 
-    name = folder.parent.name if folder.name in (*RUNTIMES, "onnx-cuda") else folder.name
+    name = folder.parent.name if folder.name in (*RUNTIMES, "onnx-cuda") else (folder.stem if folder.is_file() else folder.name)
     return name if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) else "artifact"
 
 
@@ -57,15 +66,18 @@ def verify_folder(folder: Path, baseline_spec: str, recipe: Recipe, out: Path, c
     info, data, baseline, context = baseline_stages(recipe, "", baseline_spec, out, console, budget)
     variant = recipe.variants[0]
     with stage(console, 4, "Check files") as line:
-        problems = truncation_problems(folder)
+        problems = gguf_problems(gguf_file(folder)) if fmt == "gguf" else truncation_problems(folder)
         sensitivity = []
         if not problems:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(info.path, local_files_only=True)
             text = "\n\n".join(load_documents(recipe.evaluation.dataset))[:20000]
-            problems += tokenizer_problems(folder, tokenizer, text)
-            if fmt != "onnx":
+            if fmt == "gguf":
+                problems += gguf_tokenizer_problems(gguf_file(folder), tokenizer, text, out / "work")
+            else:
+                problems += tokenizer_problems(folder, tokenizer, text)
+            if fmt not in ("onnx", "gguf"):
                 weights, config_problems = quantized_layers(folder, fmt)
                 problems += config_problems
                 layer_problems, sensitivity = weight_problems(weights, info.path)
@@ -73,7 +85,7 @@ def verify_folder(folder: Path, baseline_spec: str, recipe: Recipe, out: Path, c
         line.done("no problems found" if not problems else f"{len(problems)} problem(s): " + "; ".join(problems))
     with stage(console, 5, "Measure") as line:
         # Files that cannot be read whole, or whose config contradicts its tensors, are not run at all.
-        fatal = any("truncated" in p or "group_size" in p or "cannot be read" in p for p in problems)
+        fatal = any("truncated" in p or "group_size" in p or "cannot be read" in p or "cannot tokenize" in p for p in problems)
         artifact = _artifact(folder, fmt, variant, out, sensitivity, readable=not fatal)
         if fatal:
             verdicts = {t: Verdict(t, FAIL, {}, problems) for t in recipe.targets}
@@ -96,6 +108,10 @@ def verify_folder(folder: Path, baseline_spec: str, recipe: Recipe, out: Path, c
 def _artifact(folder: Path, fmt: str, variant: Variant, out: Path, sensitivity: list, readable: bool) -> Artifact:
     runnable = folder
     unknown = {"bits_per_weight": float("nan"), "bits_per_weight_all": float("nan")}
+    if fmt == "gguf":
+        file = gguf_file(folder)
+        bits = gguf_bits(file) if readable else unknown
+        return Artifact(variant.name, "external", fmt, folder, RUNTIMES[fmt], file.stat().st_size, bits, {}, runnable=file)
     if not readable:
         return Artifact(variant.name, "external", fmt, folder, RUNTIMES[fmt], folder_bytes(folder), unknown, {})
     if fmt in ("gptq", "awq"):

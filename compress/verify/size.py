@@ -155,3 +155,19 @@ def read_onnx(folder: Path) -> tuple[dict[str, tuple[int, int]], list[tuple[str,
     nodes = [(node.op_type, list(node.input), {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
              for node in model.graph.node]
     return initializers, nodes
+
+
+def gguf_bits(path: Path) -> dict[str, float]:
+    """Bits per weight of a GGUF file from the tensor types written in it: quantized tensors are those of a
+    block type (not F32/F16/BF16), counted with the bytes their blocks take in the file."""
+    from compress.export.gguf import FLOAT_TYPES, gguf_module
+
+    reader = gguf_module().GGUFReader(str(path))
+    quantized = [(int(t.n_elements), int(t.n_bytes)) for t in reader.tensors if t.tensor_type.name not in FLOAT_TYPES]
+    weights, size = sum(n for n, _ in quantized), sum(b for _, b in quantized)
+    total_weights, total_bytes = sum(int(t.n_elements) for t in reader.tensors), sum(int(t.n_bytes) for t in reader.tensors)
+    return {
+        "bits_per_weight": 8 * size / weights if weights else float("nan"),
+        "bits_per_weight_all": 8 * total_bytes / total_weights if total_weights else float("nan"),
+        "quantized_weights": float(weights),
+    }

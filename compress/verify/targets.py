@@ -16,6 +16,8 @@ def availability(target: str, runtime: str = "transformers") -> str | None:
         return None
     if target != "cuda":
         return f"unknown target {target!r}"
+    if runtime == "llama.cpp":
+        return "compress builds llama.cpp for the CPU only"
     import torch
 
     if not torch.cuda.is_available():
@@ -49,6 +51,8 @@ def prepare(target: str, runtime: str) -> dict:
     """
     threads = int(os.environ.get("COMPRESS_THREADS", os.cpu_count() or 1))
     described = {"target": target, "runtime": runtime, "threads": threads, "cpu": cpu_model(), "machine": platform.machine()}
+    if runtime == "llama.cpp":  # how its OpenMP threads wait between ops changes its speed: recorded with every speed
+        described["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY") or "unset (libgomp: spins briefly, then sleeps)"
     if runtime == "transformers":
         import torch
 

@@ -25,10 +25,15 @@ from compress.verify.speed import measure_speed
 from compress.verify.targets import device_for, prepare
 
 
-def _runtime(name: str, folder: Path, device: str, threads: int | None = None):
+def _runtime(name: str, folder: Path, device: str, threads: int | None = None, context_tokens: int = 512):
     """Import only the runtime this job needs, so its libraries alone count in the peak memory.
 
-    `threads` (from targets.prepare) is the CPU thread count every runtime gets, so speeds compare."""
+    `threads` (from targets.prepare) is the CPU thread count every runtime gets, so speeds compare;
+    `context_tokens` the longest sequence the job runs (llama.cpp sizes its context and logits by it)."""
+    if name == "llama.cpp":
+        from compress.runtimes.llama_cpp import LlamaCppRuntime
+
+        return LlamaCppRuntime(folder, device, threads, context_tokens)
     if name == "onnxruntime-genai":
         from compress.runtimes.ort_genai import GenaiRuntime
 
@@ -54,6 +59,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # other systems: the best there is
 
 
+def context_tokens(job: dict, windows: np.ndarray, prompt: np.ndarray) -> int:
+    """The longest sequence a job runs: a window, the speed prompt and its tokens, a generation prompt and its."""
+    prompts = [len(ids) + job.get("generation_tokens", 0) for ids in job.get("prompts", [])]
+    return max([windows.shape[1], len(prompt) + job.get("new_tokens", 0), *prompts])
+
+
 def _stack(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {key: np.stack([part[key] for part in parts]) for key in parts[0]}
 
@@ -75,6 +86,7 @@ def _run(job: dict):
     windows, prompt = data["windows"], data["prompt"]
     folder = Path(job["artifact"])
     runtime, load_seconds = None, 0.0
+    context = context_tokens(job, windows, prompt)
 
     def logprobs():
         nonlocal runtime, load_seconds
@@ -83,7 +95,7 @@ def _run(job: dict):
 
             return window_logprobs(folder, windows, job.get("activation_budget"), Path(job["spill_dir"]))
         started = time.perf_counter()
-        runtime = _runtime(job["runtime"], folder, device_for(job["target"]), described["threads"])
+        runtime = _runtime(job["runtime"], folder, device_for(job["target"]), described["threads"], context)
         load_seconds = time.perf_counter() - started
         return runtime.window_logprobs(windows)
 
@@ -97,7 +109,7 @@ def _run(job: dict):
     if job.get("whole_model", True):
         if runtime is None:
             started = time.perf_counter()
-            runtime = _runtime(job["runtime"], folder, device_for(job["target"]), described["threads"])
+            runtime = _runtime(job["runtime"], folder, device_for(job["target"]), described["threads"], context)
             load_seconds = time.perf_counter() - started
         stop_ids = set(job.get("stop_ids", []))
         prompts = [] if job.get("speed_only") else job.get("prompts", [])
@@ -143,13 +155,15 @@ def serve_speed(job: dict) -> None:
     replies = os.fdopen(os.dup(1), "w")  # the answers' own channel: what libraries print goes to the log
     os.dup2(2, 1)
     described = prepare(job["target"], job["runtime"])
-    prompt = np.load(job["windows"])["prompt"]
+    data = np.load(job["windows"])
+    prompt = data["prompt"]
     runtime = None
     if job.get("measure_first"):
         runtime, result = _run({**job, "skip_speed": True})
         Path(job["result"]).write_text(json.dumps(result, indent=2))
     if runtime is None:
-        runtime = _runtime(job["runtime"], Path(job["artifact"]), device_for(job["target"]), described["threads"])
+        runtime = _runtime(job["runtime"], Path(job["artifact"]), device_for(job["target"]), described["threads"],
+                           context_tokens(job, data["windows"], prompt))
     runtime.timed_generation(prompt, job["new_tokens"])  # warm-up
     print(json.dumps({"environment": described}), file=replies, flush=True)
     for _ in sys.stdin:

@@ -1,0 +1,131 @@
+"""A gguf variant's artifact: a release folder with the .gguf, the tokenizer and Ollama's Modelfile.
+
+Without `from:`: llama.cpp's converter makes a float GGUF of the model (once per run, shared by every gguf
+variant), llama-imatrix computes an importance matrix on the recipe's calibration tokens where the variant
+uses one, and llama-quantize writes the variant's type, with the variant's ignore/overrides as per-tensor
+types. With `from:`: the earlier variant's integer weights go into Q4_0/Q4_1/Q8_0 blocks exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from compress import memory
+from compress.data import array_hash
+from compress.export import gguf
+from compress.export.gptq_v1 import CARRIED_PATTERNS
+from compress.export.onnx_genai import phi3_linear_names
+from compress.model import ModelInfo
+from compress.produce import Workspace, calibrated_folder
+from compress.quantize.plan import KEEP, plan_summary, resolve_plan
+from compress.results import NOT_VERIFIED, Artifact
+from compress.verify.size import folder_bytes, gguf_bits
+
+RUNTIME = "llama.cpp"
+
+
+def float_gguf(info: ModelInfo, run_dir: Path, log: Path) -> Path:
+    """The model as a float GGUF in its own dtype (F32 for float32 checkpoints), converted once per run."""
+    from compress.pipeline import model_fingerprint
+
+    outtype = gguf.OUTTYPE.get(info.stored_dtype, "f16")
+    path = run_dir / "work" / "gguf" / f"{model_fingerprint(info)[:16]}-{outtype}.gguf"
+    if not path.is_file():
+        partial = path.with_suffix(".partial")
+        gguf.convert(info.path, partial, outtype, log)
+        os.replace(partial, path)
+    return path
+
+
+def tensor_types(plan: dict[str, int], config: dict, float_type: str) -> tuple[dict[str, str], str | None]:
+    """The plan's exceptions as llama-quantize options: (GGUF tensor -> type, the output tensor's type).
+    8 bits -> Q8_0; kept layers -> the float GGUF's own type."""
+    names = gguf.gguf_name_map(config)
+    kind = {8: "Q8_0", KEEP: float_type}
+    per_tensor, output = {}, None
+    for layer, bits in plan.items():
+        if bits not in kind:
+            continue
+        if layer == "lm_head":
+            output = kind[bits]
+        else:
+            per_tensor[gguf.tensor_name(names, layer + ".weight")] = kind[bits]
+    return per_tensor, output
+
+
+def embedding_type(variant, float_type: str) -> str | None:
+    """The token embedding's type where an ignore or override names embed_tokens."""
+    plan = resolve_plan(["model.embed_tokens"], 4, list(variant.ignore), variant.layer_overrides())
+    return {8: "Q8_0", KEEP: float_type}.get(plan["model.embed_tokens"])
+
+
+def gguf_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, run_dir: Path, space: Workspace,
+                   stop_ids: list[int], budget_bytes: int | None) -> list[Artifact]:
+    threads = int(os.environ.get("COMPRESS_THREADS", os.cpu_count() or 1))
+    source = float_gguf(info, run_dir, space.log)
+    float_type = {"f32": "F32", "bf16": "BF16", "f16": "F16"}[source.stem.rsplit("-", 1)[1]]
+    folder = space.staging("gguf")
+    folder.mkdir(parents=True)
+    out_file = folder / f"{variant.name}.gguf"
+    details: dict = {"log": str(space.log)}
+    described: dict = {"float_gguf": float_type}
+    if variant.from_:
+        calibrated = calibrated_folder(run_dir, variant.from_)
+        written = gguf.carry_exact(source, calibrated, out_file, info.config)
+        details["from"] = f"integer weights of {variant.from_} written exactly as GGUF blocks (its float layers as it keeps them)"
+    else:
+        plan = resolve_plan(phi3_linear_names(info.config), 4, list(variant.ignore), variant.layer_overrides())
+        per_tensor, output = tensor_types(plan, info.config, float_type)
+        details["layer_plan"] = {layer: (variant.quant if bits == 4 else bits) for layer, bits in plan.items()}
+        details["layer_bits"] = plan_summary(plan)
+        matrix = _importance_matrix(variant, info, samples, run_dir, space, source, threads, budget_bytes, described)
+        quantized = gguf.quantize(source, out_file, variant.quant, per_tensor, output, embedding_type(variant, float_type),
+                                  matrix, threads, space.log)
+        described.update(quant=variant.quant, fell_back=quantized["fell_back"])
+        written = gguf.tensor_types(out_file)
+    described["tensor_types"] = _counts(written)
+    details["gguf"] = described
+    for pattern in CARRIED_PATTERNS:
+        for path in info.path.glob(pattern):
+            if path.is_file():
+                shutil.copy2(path, folder / path.name)
+    gguf.write_modelfile(folder, out_file.name, info.path, stop_ids)
+    skipped = {target: (NOT_VERIFIED, "compress builds llama.cpp for the CPU only") for target in recipe.targets if target != "cpu"}
+    return [Artifact(variant.name, variant.method, "gguf", folder, RUNTIME, folder_bytes(folder), gguf_bits(out_file),
+                     details, runnable=folder, skipped=skipped)]
+
+
+def _importance_matrix(variant, info: ModelInfo, samples: np.ndarray, run_dir: Path, space: Workspace, source: Path,
+                       threads: int, budget_bytes: int | None, details: dict) -> Path | None:
+    """llama-imatrix's file for this run's calibration tokens (computed once, shared by the gguf variants)."""
+    if not variant.uses_imatrix:
+        details["imatrix"] = "none"
+        return None
+    needed = memory.gguf_imatrix(source.stat().st_size, memory.Shapes.from_info(info), samples.shape[1])
+    if budget_bytes is not None and needed > budget_bytes:
+        details["imatrix"] = f"not computed: llama-imatrix {memory.describe(needed, budget_bytes)}"
+        return None
+    path = run_dir / "work" / "gguf" / f"imatrix-{source.stem}-{array_hash(samples)[:16]}.gguf"
+    record = path.with_suffix(".json")
+    if not path.is_file():
+        seen = gguf.imatrix(source, samples, info.path, path.with_suffix(".partial.gguf"), threads, space.log)
+        os.replace(path.with_suffix(".partial.gguf"), path)
+        record.write_text(json.dumps(seen))
+    seen = json.loads(record.read_text())
+    details["imatrix"] = (f"llama-imatrix on the calibration set, decoded: {seen['chunks']} chunks of {samples.shape[1]} tokens; "
+                          f"llama.cpp's {seen['tokens']} tokens of it are "
+                          + ("exactly our tokenizer's" if seen["same_as_our_tokenizer"] else "NOT our tokenizer's")
+                          + f" (the calibration set is {seen['calibration_tokens']} tokens)")
+    return path
+
+
+def _counts(types: dict[str, str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for kind in types.values():
+        counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
