@@ -22,8 +22,8 @@ if __package__ in (None, ""):  # run as a script (python benchmarks/run.py): mak
 from benchmarks.common import RESULTS, environment, log  # noqa: E402
 from benchmarks.table import render, targets  # noqa: E402
 
-BENCHMARKS = ("decode", "bandwidth", "overhead", "scaling", "fullsize", "awq")
-DEFAULT = ("decode", "bandwidth", "overhead", "scaling")  # fullsize and awq (an hour or more) run only when asked for
+BENCHMARKS = ("decode", "bandwidth", "overhead", "scaling", "llama-cpp", "fullsize", "awq")
+DEFAULT = ("decode", "bandwidth", "overhead", "scaling", "llama-cpp")  # fullsize and awq (an hour or more) run only when asked for
 
 
 def _plan(values: list[str] | None) -> dict[str, list[int]] | None:
@@ -62,7 +62,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_all(options: argparse.Namespace, started: float) -> dict:
-    from benchmarks import awq, bandwidth, decode, fullsize, overhead, scaling
+    from benchmarks import awq, bandwidth, decode, fullsize, llama_cpp, overhead, scaling
 
     # Leave a minute for writing results; a slice predicted to end after this is skipped.
     deadline = started + 60 * options.budget_minutes - 60 if options.budget_minutes else None
@@ -71,6 +71,7 @@ def run_all(options: argparse.Namespace, started: float) -> dict:
         "bandwidth": lambda results: bandwidth.run(options.layers, results.get("decode")),
         "overhead": lambda results: overhead.run(options.layers),
         "scaling": lambda results: scaling.run(_plan(options.scaling), deadline),
+        "llama-cpp": lambda results: llama_cpp.run(options.layers, options.runs),
         "fullsize": lambda results: fullsize.run([int(d) for d in options.fullsize_depths.split(",") if d.strip()],
                                                  not options.no_rehearsal, method=options.fullsize_method),
         "awq": lambda results: awq.run([tuple(int(n) for n in size.split("x")) for size in options.awq_sizes.split(",") if size.strip()],

@@ -70,6 +70,10 @@ def render(results: dict) -> str:
         lines += _overhead_section(results["overhead"])
     if "scaling" in results:
         lines += _scaling_section(results["scaling"])
+    if "llama-cpp" in results:
+        from benchmarks.llama_cpp import markdown as llama_cpp_markdown
+
+        lines += llama_cpp_markdown(results["llama-cpp"])
     if "fullsize" in results:
         from benchmarks.fullsize import markdown
 

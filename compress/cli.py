@@ -102,7 +102,11 @@ def verify(
         from compress.check import detect_format
         from compress.verify_folder import verify_folder, verify_recipe
 
-        detect_format(artifact)
+        if detect_format(artifact) == "gguf":
+            from compress.runtimes.llama_cpp_tools import missing
+
+            if reason := missing():
+                raise FormatError(f"verifying a GGUF file needs llama.cpp: {reason}")
         settings = verify_recipe(artifact, baseline, parsed, target, dataset, windows)
         console.print(evaluation_line(settings.evaluation, recipe, dataset), highlight=False, soft_wrap=True)
         out = out or Path("runs") / f"verify-{artifact.name}"

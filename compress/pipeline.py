@@ -31,6 +31,7 @@ from compress.release import build_manifest, package_versions, release, write_js
 from compress.report import write_report
 from compress.results import FAIL, NOT_VERIFIED, PASS, Artifact, Outcome, Verdict
 from compress.resume import calibration_stamp, released_outcomes, variant_stamp
+from compress.runtimes import llama_cpp_tools
 from compress.ui import progress_bar, stage
 from compress.verify.cpu_share import BUSY
 from compress.verify.gates import check_gates
@@ -68,6 +69,8 @@ def preflight(recipe: Recipe, model_spec: str, console: Console, out: Path, budg
     """Resolve and inspect the model, check every variant fits it, and refuse early if memory is short."""
     info = inspect_model(model_spec)
     config = info.config
+    if any(variant.method == "gguf" for variant in recipe.variants) and (reason := llama_cpp_tools.missing()):
+        raise ModelError(f"gguf variants need llama.cpp: {reason}")
     input_sizes = {"hidden_size": int(config["hidden_size"]), "intermediate_size": int(config["intermediate_size"])}
     for index, variant in enumerate(recipe.variants):
         for name, size in input_sizes.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,8 @@ from compress.export.gptq_v1 import CARRIED_PATTERNS
 from compress.export.onnx_genai import phi3_linear_names
 from compress.model import ModelInfo
 from compress.produce import Workspace, calibrated_folder
-from compress.quantize.plan import KEEP, plan_summary, resolve_plan
-from compress.results import NOT_VERIFIED, Artifact
+from compress.quantize.plan import KEEP, resolve_plan
+from compress.results import FAIL, NOT_VERIFIED, Artifact
 from compress.verify.size import folder_bytes, gguf_bits
 
 RUNTIME = "llama.cpp"
@@ -66,13 +67,25 @@ def embedding_type(variant, float_type: str) -> str | None:
 
 def gguf_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, run_dir: Path, space: Workspace,
                    stop_ids: list[int], budget_bytes: int | None) -> list[Artifact]:
+    """The variant's GGUF folder in staging/; where a llama.cpp tool fails, the variant is reported failed with
+    its sentence (nothing to verify or release) and the run goes on with the other variants."""
+    folder = space.staging("gguf")
+    folder.mkdir(parents=True)
+    details: dict = {"log": str(space.log)}
+    try:
+        return [_gguf_artifact(variant, recipe, info, samples, run_dir, space, stop_ids, budget_bytes, folder, details)]
+    except gguf.GgufError as error:
+        failed = {target: (FAIL, str(error)) for target in recipe.targets}
+        return [Artifact(variant.name, variant.method, "gguf", folder, RUNTIME, 0,
+                         {"bits_per_weight": None, "bits_per_weight_all": None}, details, runnable=folder, skipped=failed)]
+
+
+def _gguf_artifact(variant, recipe, info: ModelInfo, samples: np.ndarray, run_dir: Path, space: Workspace,
+                   stop_ids: list[int], budget_bytes: int | None, folder: Path, details: dict) -> Artifact:
     threads = int(os.environ.get("COMPRESS_THREADS", os.cpu_count() or 1))
     source = float_gguf(info, run_dir, space.log)
     float_type = {"f32": "F32", "bf16": "BF16", "f16": "F16"}[source.stem.rsplit("-", 1)[1]]
-    folder = space.staging("gguf")
-    folder.mkdir(parents=True)
     out_file = folder / f"{variant.name}.gguf"
-    details: dict = {"log": str(space.log)}
     described: dict = {"float_gguf": float_type}
     if variant.from_:
         calibrated = calibrated_folder(run_dir, variant.from_)
@@ -81,14 +94,15 @@ def gguf_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, run_di
     else:
         plan = resolve_plan(phi3_linear_names(info.config), 4, list(variant.ignore), variant.layer_overrides())
         per_tensor, output = tensor_types(plan, info.config, float_type)
-        details["layer_plan"] = {layer: (variant.quant if bits == 4 else bits) for layer, bits in plan.items()}
-        details["layer_bits"] = plan_summary(plan)
+        types = {layer: {4: variant.quant, 8: "Q8_0"}.get(bits, KEEP) for layer, bits in plan.items()}
+        details["layer_plan"] = types
+        details["layer_bits"] = {str(kind): count for kind, count in Counter(types.values()).items()}
         matrix = _importance_matrix(variant, info, samples, run_dir, space, source, threads, budget_bytes, described)
         quantized = gguf.quantize(source, out_file, variant.quant, per_tensor, output, embedding_type(variant, float_type),
                                   matrix, threads, space.log)
         described.update(quant=variant.quant, fell_back=quantized["fell_back"])
         written = gguf.tensor_types(out_file)
-    described["tensor_types"] = _counts(written)
+    described["tensor_types"] = dict(sorted(Counter(written.values()).items()))
     details["gguf"] = described
     for pattern in CARRIED_PATTERNS:
         for path in info.path.glob(pattern):
@@ -96,8 +110,8 @@ def gguf_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, run_di
                 shutil.copy2(path, folder / path.name)
     gguf.write_modelfile(folder, out_file.name, info.path, stop_ids)
     skipped = {target: (NOT_VERIFIED, "compress builds llama.cpp for the CPU only") for target in recipe.targets if target != "cpu"}
-    return [Artifact(variant.name, variant.method, "gguf", folder, RUNTIME, folder_bytes(folder), gguf_bits(out_file),
-                     details, runnable=folder, skipped=skipped)]
+    return Artifact(variant.name, variant.method, "gguf", folder, RUNTIME, folder_bytes(folder), gguf_bits(out_file),
+                    details, runnable=folder, skipped=skipped)
 
 
 def _importance_matrix(variant, info: ModelInfo, samples: np.ndarray, run_dir: Path, space: Workspace, source: Path,
@@ -122,10 +136,3 @@ def _importance_matrix(variant, info: ModelInfo, samples: np.ndarray, run_dir: P
                           + ("exactly our tokenizer's" if seen["same_as_our_tokenizer"] else "NOT our tokenizer's")
                           + f" (the calibration set is {seen['calibration_tokens']} tokens)")
     return path
-
-
-def _counts(types: dict[str, str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for kind in types.values():
-        counts[kind] = counts.get(kind, 0) + 1
-    return dict(sorted(counts.items()))

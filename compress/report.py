@@ -210,7 +210,8 @@ def plan_lines(report: dict) -> list[str]:
         if variant["name"] in seen or len(set(plan.values())) < 2:
             continue
         seen.add(variant["name"])
-        counts = ", ".join(f"{count} at {bits} bits" for bits, count in (variant.get("layer_bits") or {}).items())
+        counts = ", ".join(f"{count} at {bits}" + ("" if not bits.isdigit() else " bits" if bits != "16" else " bits (kept)")
+                           for bits, count in (variant.get("layer_bits") or {}).items())
         lines += [f"- {variant['name']} ({counts}):"] + [f"  - {run}" for run in plan_runs(plan)]
     return (["", "## Per-layer precision", "", "Kept = left in floating point; every layer's bits are in "
              "report.json and each artifact's manifest.", "", *lines]) if lines else []

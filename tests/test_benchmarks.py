@@ -268,3 +268,23 @@ def test_awq_benchmark_pairs_each_size_and_reports_the_ratio():
     met = {item["name"]: item["met"] for item in targets({"awq": {"ratios": found}})}
     assert met["AWQ ÷ GPTQ seconds per layer, phi4-mini width, 8x128 tokens"] is True
     assert parse(["--only", "awq", "--awq-sizes", "8x128"]).awq_sizes == "8x128"
+
+
+def test_llama_cpp_table_gives_each_runtime_its_ratios():
+    from benchmarks.llama_cpp import markdown
+
+    def row(runtime, decode, prefill, size):
+        return {"runtime": runtime, "size_bytes": size,
+                **{f"prompt_{n}": {"decode_tps": decode, "prefill_tps": prefill * n / 128, "others_cpu": 0.01} for n in (128, 512)}}
+
+    artifacts = {"fp32 PyTorch": row("transformers", 5.0, 100.0, 4e9), "ONNX int4": row("onnxruntime-genai", 20.0, 200.0, 1e9),
+                 "GGUF Q4_0 pure": row("llama.cpp", 23.0, 300.0, 0.9e9)}
+    for entry in artifacts.values():
+        entry["decode_vs_baseline"] = entry["prompt_128"]["decode_tps"] / 5.0
+        entry["decode_vs_onnx_int4"] = entry["prompt_128"]["decode_tps"] / 20.0
+        for n in (128, 512):
+            entry[f"prefill_{n}_vs_onnx_int4"] = entry[f"prompt_{n}"]["prefill_tps"] / artifacts["ONNX int4"][f"prompt_{n}"]["prefill_tps"]
+    text = "\n".join(markdown({"layers": 2, "threads": 2, "runs": 5, "new_tokens": 64, "prompts": [128, 512],
+                               "omp_wait_policy": "unset", "artifacts": artifacts}))
+    assert "| GGUF Q4_0 pure | llama.cpp | 900 | 23.00 | 4.60 | 1.15 | 300.0 | 1.50 | 1200.0 | 1.50 | 0.01 |" in text
+    assert "OMP_WAIT_POLICY unset" in text

@@ -268,3 +268,32 @@ def test_compress_verify_takes_a_gguf_file_and_names_damage_in_a_sentence(gguf_r
     result, report = verify(swapped, "swapped")
     assert result.returncode == 1
     assert any("encodes the evaluation text differently" in f for f in report["variants"][0]["targets"]["cpu"]["failures"])
+
+
+def test_without_llama_cpp_a_gguf_recipe_stops_in_preflight_with_a_sentence(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nmodel: builtin:tiny-phi4-mini\nvariants: [{name: g, method: gguf}]\n")
+    result = run_cli("run", str(recipe), "--out", str(tmp_path / "out"), env={"COMPRESS_LLAMA_CPP": str(tmp_path / "none")})
+    assert result.returncode == 2
+    assert "gguf variants need llama.cpp" in result.stderr + result.stdout and "make llama-cpp" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_tokenizer_llama_cpp_cannot_reproduce_fails_its_variant_and_the_run_goes_on(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("nfkc") / "model"
+    shutil.copytree(TINY, folder)
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["normalizer"] = {"type": "NFKC"}
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    recipe = (f"name: nfkc\nmodel: {folder}\ncalibration: {{samples: 4, seq_len: 64}}\n"
+              "evaluation: {seq_len: 64, windows: 4, new_tokens: 4, prompts: [Hello]}\n"
+              "variants:\n  - {name: rtn, method: rtn}\n  - {name: g, method: gguf, quant: Q8_0}\n")
+    path = folder.parent / "recipe.yaml"
+    path.write_text(recipe)
+    result = run_cli("run", str(path), "--out", str(folder.parent / "run"))
+    assert result.returncode == 1, result.stdout + result.stderr
+    report = json.loads((folder.parent / "run" / "report.json").read_text())
+    assert entry(report, "rtn", "compressed-tensors")["released"]
+    failed = entry(report, "g", "gguf")
+    assert not failed["released"] and "does not know this tokenizer's pre-tokenizer" in failed["not_released_because"][0]

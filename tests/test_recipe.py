@@ -109,7 +109,7 @@ METHOD_MISTAKES = [
     ("from later", "  - {name: a, method: onnx-int4, from: b}\n  - {name: b, method: gptq}", "no earlier variant is named 'b'"),
     ("from 8-bit", "  - {name: b, method: gptq, bits: 8}\n  - {name: a, method: onnx-int4, from: b}",
      "only 4-bit gptq, awq or rtn weights can go into an ONNX int4 graph"),
-    ("from on gptq", "  - {name: a, method: gptq, from: x}", "variants[0]: from: only ONNX methods take this option"),
+    ("from on gptq", "  - {name: a, method: gptq, from: x}", "variants[0]: from: only onnx-int4 and gguf can carry an earlier variant's weights, not gptq"),
     ("from int8 head, head calibrated", "  - {name: b, method: gptq, ignore: []}\n"
      "  - {name: a, method: onnx-int4, from: b, ignore: [], overrides: [{match: lm_head, bits: 8}]}",
      "variants[1].from: an int8 lm_head needs 'b' to leave lm_head float (ignore: [lm_head])"),

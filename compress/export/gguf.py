@@ -103,9 +103,10 @@ def imatrix(float_gguf: Path, samples: np.ndarray, model_folder: Path, out_file:
 
 
 def quantize(float_gguf: Path, out_file: Path, quant: str, tensor_types: dict[str, str], output_type: str | None,
-             embedding_type: str | None, imatrix_file: Path | None, threads: int, log: Path) -> dict:
-    """llama-quantize. `tensor_types`: exact GGUF tensor name -> type. -> the types written and the fallbacks."""
-    command = [str(llama_cpp_tools.tool("llama-quantize"))]
+             embedding_type: str | None, imatrix_file: Path | None, threads: int, log: Path, pure: bool = False) -> dict:
+    """llama-quantize. `tensor_types`: exact GGUF tensor name -> type; `pure`: every tensor `quant`, no K-quant mix.
+    -> the tensors that fell back to another type."""
+    command = [str(llama_cpp_tools.tool("llama-quantize"))] + (["--pure"] if pure else [])
     if imatrix_file is not None:
         command += ["--imatrix", str(imatrix_file)]
     if output_type:

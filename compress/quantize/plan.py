@@ -69,8 +69,10 @@ def plan_runs(plan: dict[str, int]) -> list[str]:
 
 
 def _by_bits(modules: list[tuple[str, int]]) -> str:
-    """"qkv_proj, o_proj 4 bits; down_proj 8 bits; lm_head kept", modules grouped by bits in their first order."""
+    """"qkv_proj, o_proj 4 bits; down_proj 8 bits; lm_head kept", modules grouped by bits in their first order
+    (a GGUF plan names types instead: "qkv_proj, o_proj Q4_K_M; down_proj Q8_0")."""
     groups: dict[int, list[str]] = {}
     for name, bits in modules:
         groups.setdefault(bits, []).append(name)
-    return "; ".join(", ".join(names) + (" kept" if bits == KEEP else f" {bits} bits") for bits, names in groups.items())
+    return "; ".join(", ".join(names) + (" kept" if bits == KEEP else f" {bits}" if isinstance(bits, str) else f" {bits} bits")
+                     for bits, names in groups.items())

@@ -21,7 +21,6 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-
 VERSION = "0.3.36"
 PACKAGE = f"llama-cpp-python=={VERSION}"
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench", "llama-tokenize")
@@ -66,10 +65,17 @@ def _built_with() -> str:
     return " ".join((VERSION, *CMAKE_OPTIONS, *TARGETS)) + "\n"
 
 
+def missing() -> str | None:
+    """None when llama.cpp is built here with our options, else what to do about it, in one sentence."""
+    if _stamp().is_file() and _stamp().read_text() == _built_with():
+        return None
+    return (f"llama.cpp {VERSION} is not built on this machine ({home()}): run `make llama-cpp` "
+            "(or `python -m compress.runtimes.llama_cpp_tools build`; about 3 minutes)")
+
+
 def require() -> None:
-    if not _stamp().is_file() or _stamp().read_text() != _built_with():
-        raise LlamaCppMissing(f"llama.cpp {VERSION} is not built on this machine ({home()}): run `make llama-cpp` "
-                              "(or `python -m compress.runtimes.llama_cpp_tools build`; about 3 minutes)")
+    if reason := missing():
+        raise LlamaCppMissing(reason)
 
 
 def tool(name: str) -> Path:
