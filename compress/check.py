@@ -95,12 +95,17 @@ def gguf_tokenizer_problems(file: Path, baseline_tokenizer, text: str, work: Pat
         ours = llama_tokens(file, text_file, work / "tokenizer-check.log").tolist()
     except GgufError as error:
         return [f"llama.cpp cannot tokenize with {file.name}'s vocabulary ({error})"]
-    theirs = baseline_tokenizer(text, add_special_tokens=False)["input_ids"]
+    return _encoding_difference(ours, baseline_tokenizer(text, add_special_tokens=False)["input_ids"],
+                                f"{file.name}'s vocabulary encodes the evaluation text differently from the baseline's "
+                                "tokenizer in llama.cpp")
+
+
+def _encoding_difference(ours: list[int], theirs: list[int], what: str) -> list[str]:
+    """[] when the two encodings agree, else one sentence: `what`, where they part and their lengths."""
     if ours == theirs:
         return []
     first = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs)))
-    return [f"{file.name}'s vocabulary encodes the evaluation text differently from the baseline's tokenizer in llama.cpp "
-            f"(first difference at token {first}; {len(ours)} vs {len(theirs)} tokens): it belongs to another model"]
+    return [f"{what} (first difference at token {first}; {len(ours)} vs {len(theirs)} tokens): it belongs to another model"]
 
 
 def _onnx_external_data_problems(graph: Path) -> list[str]:
@@ -212,10 +217,6 @@ def tokenizer_problems(folder: Path, baseline_tokenizer, text: str) -> list[str]
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as error:
         return [f"the artifact's tokenizer cannot be loaded ({type(error).__name__})"]
-    ours = tokenizer(text, add_special_tokens=False)["input_ids"]
-    theirs = baseline_tokenizer(text, add_special_tokens=False)["input_ids"]
-    if ours == theirs:
-        return []
-    first = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs)))
-    return [f"the artifact's tokenizer encodes the evaluation text differently from the baseline's "
-            f"(first difference at token {first}; {len(ours)} vs {len(theirs)} tokens): it belongs to another model"]
+    return _encoding_difference(tokenizer(text, add_special_tokens=False)["input_ids"],
+                                baseline_tokenizer(text, add_special_tokens=False)["input_ids"],
+                                "the artifact's tokenizer encodes the evaluation text differently from the baseline's")

@@ -15,6 +15,13 @@ def private_cache(tmp_path_factory):
 DEMO_RECIPE = ROOT / "recipes" / "tiny-phi4-mini.yaml"
 
 
+def verify_settings(gates: str = "{max_kld: 0.05, min_top1: 0.85}") -> str:
+    """A recipe that gives `compress verify` short evaluation settings and these gates."""
+    return ("name: verify-settings\nmodel: builtin:tiny-phi4-mini\n"
+            "evaluation: {seq_len: 128, windows: 8, new_tokens: 8, prompts: [Hello]}\n"
+            f"gates: {gates}\nvariants: [{{name: unused, method: rtn}}]\n")
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     """The real `compress` command in a fresh process, as a user runs it."""
     environment = {**os.environ, "COLUMNS": "200", **(env or {})}

@@ -41,12 +41,15 @@ variants:
   - {{name: onnx-int4-gptq, method: onnx-int4, from: gptq, group_size: 128}}
   - {{name: onnx-int8, method: onnx-int8, group_size: 128}}
   - {{name: onnx-int8-dynamic, method: onnx-int8-dynamic}}
+  - {{name: gguf-q4km, method: gguf, quant: Q4_K_M}}
+  - {{name: gguf-gptq, method: gguf, from: gptq}}
 """
 ROWS = [("rtn", "compressed-tensors"), ("rtn", "awq"), ("gptq", "compressed-tensors"), ("gptq", "gptq"),
         ("awq", "compressed-tensors"), ("awq-gptq", "compressed-tensors"), ("onnx-int4", "onnx"),
-        ("onnx-int4-gptq", "onnx"), ("onnx-int8", "onnx"), ("onnx-int8-dynamic", "onnx")]
+        ("onnx-int4-gptq", "onnx"), ("onnx-int8", "onnx"), ("onnx-int8-dynamic", "onnx"), ("gguf-q4km", "gguf"),
+        ("gguf-gptq", "gguf")]
 # fp16 takes the same code paths as bf16 but for the dtype itself: a smaller set keeps `make test` short.
-FP16_VARIANTS = ("rtn", "gptq", "onnx-int4-gptq")
+FP16_VARIANTS = ("rtn", "gptq", "onnx-int4-gptq", "gguf-gptq")
 
 
 def half_copy(folder, dtype: str):
@@ -110,6 +113,17 @@ def test_stored_dtype_is_kept_in_every_calibrated_folder(half_run):
     assert stored["model.layers.0.self_attn.qkv_proj.weight_packed"] == torch.int32
     config = json.loads((folder / "config.json").read_text())
     assert config["dtype"] == CONFIG_DTYPES[dtype]
+
+
+def test_gguf_keeps_the_stored_float_type_where_it_does_not_quantize(half_run):
+    """llama.cpp's converter writes the checkpoint's own float type; the GPTQ carry-over keeps it for the head and
+    norms GPTQ left float (norms are F32 in every GGUF, as llama.cpp wants them)."""
+    from compress.export.gguf import tensor_types
+
+    dtype, _, _, out, _ = half_run
+    types = tensor_types(out / "release" / "gguf-gptq" / "gguf" / "gguf-gptq.gguf")
+    assert types["token_embd.weight"] == {"bf16": "BF16", "fp16": "F16"}[dtype]
+    assert types["blk.0.attn_norm.weight"] == "F32" and types["blk.0.ffn_down.weight"] == "Q4_0"
 
 
 def test_sensitivity_reads_half_precision_weights(half_run):

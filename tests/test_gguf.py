@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, entry, run_cli, run_recipe
+from conftest import ROOT, entry, run_cli, run_recipe, verify_settings
 
 from compress.export.gguf_blocks import block_type, pack_blocks, unpack_blocks, why_not_exact
 from compress.export.repack import QuantizedLinear, dequantize, fp16_scales
@@ -224,20 +224,11 @@ def _quantized_bytes(file) -> float:
     return sum(b for _, b in sizes) / sum(n for n, _ in sizes)
 
 
-VERIFY_SETTINGS = """\
-name: verify-settings
-model: builtin:tiny-phi4-mini
-evaluation: {seq_len: 128, windows: 8, new_tokens: 8, prompts: [Hello]}
-gates: {max_kld: 0.2, min_top1: 0.7}
-variants: [{name: unused, method: rtn}]
-"""
-
-
 @pytest.mark.slow
 def test_compress_verify_takes_a_gguf_file_and_names_damage_in_a_sentence(gguf_run, tmp_path):
     out, _ = gguf_run
     settings = tmp_path / "settings.yaml"
-    settings.write_text(VERIFY_SETTINGS)
+    settings.write_text(verify_settings("{max_kld: 0.2, min_top1: 0.7}"))
     good = _released_gguf(out, "from-sym")
 
     def verify(file, name):

@@ -5,17 +5,11 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli, verify_settings
 from safetensors.numpy import load_file, save_file
 
 pytestmark = pytest.mark.slow
-SETTINGS = """\
-name: verify-settings
-model: builtin:tiny-phi4-mini
-evaluation: {seq_len: 128, windows: 8, new_tokens: 8, prompts: [Hello]}
-gates: {max_kld: 0.05, min_top1: 0.85}
-variants: [{name: unused, method: rtn}]
-"""
+SETTINGS = verify_settings()
 
 
 @pytest.fixture(scope="module")
