@@ -135,6 +135,31 @@ def calibration_samples(stream: np.ndarray, seq_len: int, samples: int, seed: in
     return np.stack([stream[start : start + seq_len] for start in starts])
 
 
+def selection_windows(stream: np.ndarray, seq_len: int, count: int, calibration_samples_: int, seed: int) -> np.ndarray:
+    """`count` windows of the calibration stream that overlap none of the calibration samples (the same seeded
+    draw as calibration_samples), evenly spread over what is left: text calibration never fitted, for choosing
+    a mixed-precision plan. -> [count, seq_len]"""
+    rng = np.random.default_rng(seed)
+    taken = np.zeros(len(stream) + 1, dtype=np.int64)
+    for start in rng.integers(0, len(stream) - seq_len + 1, size=calibration_samples_):
+        taken[start] += 1
+        taken[start + seq_len] -= 1
+    free = np.cumsum(taken)[: len(stream)] == 0
+    starts, position = [], 0
+    while position + seq_len <= len(stream):  # non-overlapping free windows, left to right
+        blocked = np.flatnonzero(~free[position:position + seq_len])
+        if blocked.size:
+            position += int(blocked[-1]) + 1
+            continue
+        starts.append(position)
+        position += seq_len
+    if len(starts) < count:
+        raise DataError(f"the calibration set leaves {len(starts)} windows of {seq_len} tokens outside the calibration "
+                        f"samples, fewer than the {count} a selection slice needs; use more text or fewer samples")
+    chosen = [starts[int(i)] for i in np.linspace(0, len(starts) - 1, count).round()]
+    return np.stack([stream[start:start + seq_len] for start in chosen])
+
+
 def array_hash(array: np.ndarray) -> str:
     """sha256 of an array's bytes, to name exactly which tokens were used."""
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()

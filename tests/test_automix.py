@@ -53,3 +53,60 @@ def test_a_budget_no_plan_meets_is_refused_with_the_smallest_there_is():
         smallest_plan(options, 0.025)
     assert {k: o.name for k, o in smallest_plan(options, 0.031).items()} == {"a": "8", "b": "4"}
     assert {k: o.name for k, o in smallest_plan(options, 0.04).items()} == {"a": "4", "b": "4"}
+
+
+def test_selection_windows_avoid_every_calibration_sample():
+    from compress.data import calibration_samples, selection_windows
+
+    stream = np.arange(5000)  # position = token, so a window names its own span
+    samples = calibration_samples(stream, 100, 20, 7)
+    chosen = selection_windows(stream, 100, 6, 20, 7)
+    covered = {int(t) for sample in samples for t in sample}
+    assert chosen.shape == (6, 100) and not covered & {int(t) for window in chosen for t in window}
+    assert len({int(window[0]) for window in chosen}) == 6
+    with pytest.raises(ValueError, match="fewer than the 500"):
+        selection_windows(stream, 100, 500, 20, 7)
+
+
+@pytest.mark.slow
+def test_predicted_kld_of_uniform_and_mixed_plans_matches_measured_under_rtn(tmp_path):
+    """On the embedded model, RTN candidates 3g64 / 4g128 / 8g128 and a selection slice disjoint from the
+    calibration samples: ½ΣF·dW² summed over layers predicts the measured KLD of uniform and knapsack plans
+    within 10%, and the knapsack's plans meet their budgets in measurement."""
+    from transformers import AutoTokenizer
+
+    from compress.data import load_documents, selection_windows, token_stream
+    from compress.model import BUILTIN_MODELS
+    from compress.quantize.sensitivity import candidate_predictions, plan_kld
+    from compress.quantize.streaming import calibrate_streaming
+    from compress.recipe import Variant
+    from compress.tensors import TensorFolder
+
+    tiny = BUILTIN_MODELS["tiny-phi4-mini"]
+    stream = token_stream(load_documents("builtin:pydoc-calib"), AutoTokenizer.from_pretrained(tiny))
+    selection = selection_windows(stream, 128, 8, 8, 0)
+    candidates = {}
+    for bits, group in ((3, 64), (4, 128), (8, 128)):
+        name = f"{bits}g{group}"
+        calibrate_streaming(tiny, Variant(name=f"c{name}", method="rtn", bits=bits, group_size=group), None,
+                            tmp_path / name, tmp_path / "work")
+        candidates[name] = tmp_path / name
+    predictions = candidate_predictions(tiny, candidates, selection)
+    assert len(predictions) == 16 and all(p.keys() == candidates.keys() for p in predictions.values())
+    for name, folder in candidates.items():
+        measured, se = plan_kld(tiny, dict.fromkeys(predictions, folder), selection)
+        predicted = sum(p[name] for p in predictions.values())
+        assert abs(predicted - measured) < 0.1 * measured, (name, predicted, measured, se)
+    with TensorFolder(candidates["4g128"]) as tensors:
+        shapes = {layer: tuple(int(x) for x in tensors.array(f"{layer}.weight_shape")) for layer in predictions}
+    options = {layer: [Option(name, packed_bytes(*shapes[layer], int(name[0]), int(name.split("g")[1]), True, 4), kld)
+                       for name, kld in found.items()] + [Option("keep", shapes[layer][0] * shapes[layer][1] * 4, 0.0)]
+               for layer, found in predictions.items()}
+    uniform = sum(packed_bytes(*shape, 4, 128, True, 4) for shape in shapes.values())
+    for budget, smaller in ((0.05, True), (0.012, False)):  # looser than uniform 4g128 (0.026 here), tighter
+        plan = smallest_plan(options, budget)
+        assert len({option.name for option in plan.values()}) > 1  # a mixed plan
+        assert (sum(option.bytes for option in plan.values()) < uniform) == smaller
+        measured, se = plan_kld(tiny, {layer: candidates[o.name] for layer, o in plan.items() if o.name != "keep"}, selection)
+        predicted = sum(option.kld for option in plan.values())
+        assert predicted <= budget and abs(predicted - measured) < 0.1 * measured and measured < budget + 2 * se

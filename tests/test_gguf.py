@@ -162,8 +162,9 @@ def _released_gguf(out, name):
 def test_carried_gguf_holds_the_calibrated_integers(gguf_run, name, source, types):
     """Every quantized layer of the released file, decoded by gguf-py (ggml's reference), equals the saved
     calibration's weights (fp16 scales; Q4_1's minimum to fp16)."""
-    from compress.export.gguf import _quantized_linear, gguf_module, gguf_name_map, tensor_name
+    from compress.export.gguf import gguf_module, gguf_name_map, tensor_name
     from compress.tensors import TensorFolder
+    from compress.verify.layers import stored_linear
 
     out, report = gguf_run
     gguf = gguf_module()
@@ -176,7 +177,7 @@ def test_carried_gguf_holds_the_calibrated_integers(gguf_run, name, source, type
         assert len(modules) == 16
         for module in modules:
             tensor = tensors[tensor_name(names, module + ".weight")]
-            linear = _quantized_linear(folder, module)
+            linear = stored_linear(folder, module)
             expected = dequantize(fp16_scales(linear))
             decoded = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(expected.shape)
             assert tensor.tensor_type.name in types

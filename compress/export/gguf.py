@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from compress.export.gguf_blocks import BLOCK, BLOCK_BYTES, block_type, pack_blocks
-from compress.export.repack import unpack_compressed_tensors
 from compress.runtimes import llama_cpp_tools
+from compress.verify.layers import stored_linear
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 OUTTYPE = {"F32": "f32", "BF16": "bf16", "F16": "f16"}  # the source checkpoint's dtype -> converter's
@@ -191,7 +191,7 @@ def carry_exact(float_gguf: Path, calibrated: Path, out_file: Path, config: dict
 def _tensor_data(gguf, folder, tensor, kind: str, hf: str) -> np.ndarray:
     """One tensor of the output file as GGUFWriter writes it."""
     if kind == "packed":
-        return pack_blocks(_quantized_linear(folder, hf))[1]
+        return pack_blocks(stored_linear(folder, hf))[1]
     if kind == "float":
         values = folder.tensor(hf).float().numpy().reshape(tensor.data.shape[:-1] + (-1,))
         if tensor.tensor_type.name not in FLOAT_TYPES:
@@ -209,17 +209,6 @@ def _scheme(folder, module: str) -> tuple[tuple[int, int], str]:
     if block is None:
         raise GgufError(f"{module}: {bits}-bit weights with zero points have no exact GGUF block")
     return shape, block
-
-
-def _quantized_linear(folder, module: str):
-    """The integer weights of one compressed-tensors Linear, its scheme read from its own tensors."""
-    packed = folder.tensor(f"{module}.weight_packed").numpy()
-    shape = tuple(int(size) for size in folder.tensor(f"{module}.weight_shape").tolist())
-    scale = folder.tensor(f"{module}.weight_scale").float().numpy()
-    zero = folder.tensor(f"{module}.weight_zero_point").numpy() if f"{module}.weight_zero_point" in folder else None
-    bits = packed.shape[1] * 32 // shape[1]
-    group_size = shape[1] // scale.reshape(shape[0], -1).shape[1]
-    return unpack_compressed_tensors(packed, scale, zero, shape, bits, group_size, zero is None)
 
 
 def _file_type(gguf, schemes: dict) -> int:

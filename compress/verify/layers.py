@@ -42,6 +42,20 @@ def dequantized_weights(folder: Path, plan: dict[str, int], group_size: int, sym
     return weights
 
 
+def stored_linear(tensors, layer: str):
+    """The integer weights of one compressed-tensors Linear (compress.export.repack.QuantizedLinear), its scheme
+    read from its own tensors: bits from the packed width, group size from the scales, a zero point or none."""
+    from compress.export.repack import unpack_compressed_tensors
+
+    packed = tensors.array(f"{layer}.weight_packed")
+    shape = tuple(int(size) for size in tensors.array(f"{layer}.weight_shape"))
+    scale = tensors.tensor(f"{layer}.weight_scale").float().numpy()
+    zero = tensors.array(f"{layer}.weight_zero_point") if f"{layer}.weight_zero_point" in tensors else None
+    bits = packed.shape[1] * 32 // shape[1]
+    group_size = shape[1] // scale.reshape(shape[0], -1).shape[1]
+    return unpack_compressed_tensors(packed, scale, zero, shape, bits, group_size, zero is None)
+
+
 def layer_sensitivity(model_path: Path, folder: Path, plan: dict[str, int], group_size: int, symmetric: bool,
                       samples: np.ndarray) -> list[dict]:
     """[{layer, bits, sqnr_db}] worst first, from the original model run on `samples` [n, seq_len] one
