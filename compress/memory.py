@@ -275,8 +275,9 @@ def run_estimates(info, recipe, budget: int) -> dict[str, tuple[int, bool]]:
             needed = estimate_memory(info, calibration_set.samples, calibration_set.seq_len, evaluation.seq_len).quantize
             stages["calibration, stock AWQ (whole model)"] = (needed, True)
         else:
-            needed = calibration(shapes, variant.method, calibration_set.samples, calibration_set.seq_len, budget)
-            stages[f"calibration, {variant.method} (layer by layer)"] = (needed, True)
+            method = variant.base if variant.method == "auto" else variant.method  # auto: its base, once per candidate
+            needed = calibration(shapes, method, calibration_set.samples, calibration_set.seq_len, budget)
+            stages[f"calibration, {method} (layer by layer)"] = (needed, True)
         if "compressed-tensors" in variant.formats:
             stages["compressed-tensors checks (whole model in transformers)"] = (whole, False)
         for fmt in {"gptq", "awq"} & set(variant.formats):

@@ -73,11 +73,13 @@ def preflight(recipe: Recipe, model_spec: str, console: Console, out: Path, budg
         raise ModelError(f"gguf variants need llama.cpp: {reason}")
     input_sizes = {"hidden_size": int(config["hidden_size"]), "intermediate_size": int(config["intermediate_size"])}
     for index, variant in enumerate(recipe.variants):
+        groups = {setting[1] for setting in variant.candidate_settings().values() if setting} if variant.method == "auto" \
+            else {variant.group_size}
         for name, size in input_sizes.items():
-            if variant.group_size != -1 and size % variant.group_size:
-                raise ModelError(
-                    f"variants[{index}].group_size: {variant.group_size} does not divide the model's {name} {size}"
-                )
+            for group in groups - {-1}:
+                if size % group:
+                    field = f"candidates: group size {group}" if variant.method == "auto" else f"group_size: {group}"
+                    raise ModelError(f"variants[{index}].{field} does not divide the model's {name} {size}")
     gib = 2**30
     console.print(
         f"   model {info.spec}: {info.parameters / 1e6:.1f}M parameters, {info.layers} layers, "

@@ -80,6 +80,10 @@ def produce(variant, recipe, info: ModelInfo, samples, run_dir: Path, stamp: str
             from compress.produce_gguf import gguf_artifacts
 
             return gguf_artifacts(variant, recipe, info, samples, run_dir, space, stop_ids, budget_bytes)
+        if variant.method == "auto":
+            from compress.produce_auto import auto_artifacts
+
+            return auto_artifacts(variant, recipe, info, samples, space, stamp, budget_bytes)
         return _calibrated_artifacts(variant, recipe, info, samples, run_dir, space, stamp, budget_bytes)
 
 

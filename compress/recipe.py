@@ -29,6 +29,7 @@ FORMATS_BY_METHOD = {
     "onnx-int8": ("onnx",),
     "onnx-int8-dynamic": ("onnx",),
     "gguf": ("gguf",),
+    "auto": ("compressed-tensors",),
 }
 METHODS = tuple(FORMATS_BY_METHOD)
 ONNX_METHODS = ("onnx-int4", "onnx-int8", "onnx-int8-dynamic")
@@ -40,6 +41,9 @@ GGUF_TYPES = (
     "Q4_K_M", "Q5_K", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS",
     "IQ3_XS", "IQ3_S", "IQ3_M", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "F16", "BF16", "F32",
 )
+AUTO_BASES = ("gptq", "rtn")  # awq: each setting's own AWQ scales are folded into the norms, so its layers do not mix
+AUTO_CANDIDATES = ("3g64", "4g64", "4g128", "8g128", "keep")  # compressed-tensors' default menu
+CANDIDATE = re.compile(r"^(?:(?P<bits>[2348])g(?P<group>-1|\d+)|keep)$")
 # The IQ1/IQ2 types are unusable without an importance matrix: llama-quantize refuses them.
 GGUF_NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S")
 TARGETS = ("cpu", "cuda")
@@ -119,6 +123,10 @@ class Gates(Strict):
         return self.model_copy(update=override.model_dump(exclude_unset=True))
 
 
+class Budget(Strict):
+    max_kld: float = Field(gt=0)  # mean KL divergence per token from the original, nats, on held-out text
+
+
 class Override(Strict):
     """Layers whose name matches `match` (a regular expression, searched) get `bits` instead; first match wins."""
 
@@ -153,6 +161,10 @@ class Variant(Strict):
     from_: str | None = Field(None, alias="from")  # ONNX int4, GGUF: carry this earlier variant's integer weights
     quant: str = "Q4_K_M"  # GGUF: llama-quantize's type
     imatrix: bool | None = None  # GGUF: llama.cpp's importance matrix on the calibration tokens (default: K- and IQ-quants)
+    budget: Budget | None = None  # auto: the smallest plan whose KLD meets this
+    base: str = "gptq"  # auto: the quantizer every layer's candidates come from
+    candidates: list[str] = list(AUTO_CANDIDATES)  # auto: settings each layer may take, "<bits>g<group>" or keep
+    selection: int = Field(8, ge=2)  # auto: calibration-length windows, disjoint from the calibration samples, to choose on
     overrides: list[Override] = []
     preset: Literal["phi4-safe"] | None = None
     gates: Gates | None = None
@@ -247,6 +259,12 @@ class Variant(Strict):
             for field in ("quant", "imatrix"):
                 if field in self.model_fields_set:
                     raise ValueError(f"{field}: only gguf variants take this option, not {self.method}")
+        if self.method == "auto":
+            self._check_auto()
+        else:
+            for field in ("budget", "base", "candidates", "selection"):
+                if field in self.model_fields_set:
+                    raise ValueError(f"{field}: only auto variants take this option, not {self.method}")
         if self.from_ is not None and self.method not in ("onnx-int4", "gguf"):
             raise ValueError(f"from: only onnx-int4 and gguf can carry an earlier variant's weights, not {self.method}")
         if self.n_grid != 20 and not self.method.startswith("awq"):
@@ -254,6 +272,33 @@ class Variant(Strict):
         if "awq_mappings" in self.model_fields_set and self.method != "awq":
             raise ValueError(f"awq_mappings: only awq takes this option, not {self.method} (awq-gptq always uses phi)")
         return self
+
+    def candidate_settings(self) -> dict[str, tuple[int, int] | None]:
+        """{candidate: (bits, group size)}, None for keep."""
+        settings = {}
+        for name in self.candidates:
+            match = CANDIDATE.match(name)
+            settings[name] = None if name == "keep" else (int(match["bits"]), int(match["group"]))
+        return settings
+
+    def _check_auto(self) -> None:
+        if self.budget is None:
+            raise ValueError("budget: an auto variant needs budget: {max_kld: X}, the KLD its plan must meet")
+        for field in ("bits", "group_size", "overrides", "preset"):
+            if field in self.model_fields_set:
+                raise ValueError(f"{field}: an auto variant chooses each layer's setting from its candidates; it takes no {field}")
+        if self.base not in AUTO_BASES:
+            why = " (each setting's AWQ scales are folded into the norms, so layers of different settings do not mix)" \
+                if self.base.startswith("awq") else ""
+            raise ValueError(f"base: {self.base!r} cannot be an auto variant's base{why}; use one of {', '.join(AUTO_BASES)}")
+        for index, name in enumerate(self.candidates):
+            match = CANDIDATE.match(name)
+            if not match:
+                raise ValueError(f"candidates[{index}]: {name!r} is not <bits>g<group> (bits 2, 3, 4 or 8; e.g. 4g128) or keep")
+            if name != "keep" and match["group"] != "-1" and (int(match["group"]) < 8 or int(match["group"]) & (int(match["group"]) - 1)):
+                raise ValueError(f"candidates[{index}]: group size {match['group']} must be a power of two of at least 8, or -1")
+        if len(set(self.candidates) - {"keep"}) < 1 or len(set(self.candidates)) != len(self.candidates):
+            raise ValueError("candidates: list each setting once, at least one besides keep")
 
     def _check_gguf(self) -> None:
         for field in ("bits", "group_size", "symmetric"):

@@ -40,6 +40,7 @@ def build_report(out: Path, recipe, info, baseline, outcomes, context) -> dict:
             "awq": artifact.details.get("awq"),
             "builder_options": artifact.details.get("builder_options"),
             "gguf": artifact.details.get("gguf"),
+            "automix": artifact.details.get("automix"),
             "sensitivity": artifact.details.get("sensitivity"),
             "resumed": artifact.details.get("resumed"),
             "targets": {
@@ -263,7 +264,19 @@ def verdict_lines(report: dict) -> list[str]:
             lines.append(f"{label}: weights are the {variant['from']}")
         if variant.get("gguf"):
             lines.extend(f"{label}: {line}" for line in gguf_lines(variant["gguf"]))
+        if variant.get("automix"):
+            lines.append(f"{label}: {automix_line(variant['automix'])}")
     return lines
+
+
+def automix_line(automix: dict) -> str:
+    """How an auto variant's plan was chosen, in one sentence."""
+    last = automix["steps"][-1]
+    plan = ", ".join(f"{count} at {name}" for name, count in sorted(last["plan"].items()))
+    return (f"plan for max KLD {automix['budget']['max_kld']:g} ({automix['base']} candidates {', '.join(automix['candidates'])}): "
+            f"{plan}; predicted {last['predicted']:.4g}, measured {last['measured']:.4g} ± {last['measured_se']:.2g} on "
+            f"{automix['selection_windows']} selection windows disjoint from calibration and evaluation, after "
+            f"{len(automix['steps'])} evaluation(s)" + ("" if automix["met_on_selection"] else " — NOT met on the selection slice"))
 
 
 def gguf_lines(gguf: dict) -> list[str]:

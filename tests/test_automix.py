@@ -110,3 +110,59 @@ def test_predicted_kld_of_uniform_and_mixed_plans_matches_measured_under_rtn(tmp
         measured, se = plan_kld(tiny, {layer: candidates[o.name] for layer, o in plan.items() if o.name != "keep"}, selection)
         predicted = sum(option.kld for option in plan.values())
         assert predicted <= budget and abs(predicted - measured) < 0.1 * measured and measured < budget + 2 * se
+
+
+AUTO_BASE = "name: r\nmodel: builtin:tiny-phi4-mini\nvariants:\n  - %s\n"
+
+
+@pytest.mark.parametrize("variant,message", [
+    ("{name: a, method: auto}", "needs budget: {max_kld: X}"),
+    ("{name: a, method: auto, budget: {max_kld: 0.1}, base: awq}", "AWQ scales are folded into the norms"),
+    ("{name: a, method: auto, budget: {max_kld: 0.1}, candidates: [5g64]}", "is not <bits>g<group>"),
+    ("{name: a, method: auto, budget: {max_kld: 0.1}, candidates: [4g48]}", "power of two"),
+    ("{name: a, method: auto, budget: {max_kld: 0.1}, candidates: [keep]}", "at least one besides keep"),
+    ("{name: a, method: auto, budget: {max_kld: 0.1}, group_size: 64}", "takes no group_size"),
+    ("{name: a, method: auto, budget: {max_kld: 0}}", "greater than 0"),
+    ("{name: a, method: rtn, candidates: [4g128]}", "only auto variants take this option"),
+    ("{name: a, method: auto, budget: {max_kld: 0.1}, formats: [gguf]}", "cannot write 'gguf'"),
+])
+def test_auto_recipes_that_cannot_work_are_refused_when_read(variant, message):
+    from compress.recipe import RecipeError, parse_recipe
+
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(AUTO_BASE % variant)
+
+
+AUTO_RECIPE = """\
+name: auto-e2e
+model: builtin:tiny-phi4-mini
+calibration: {samples: 16, seq_len: 128}
+evaluation: {seq_len: 128, windows: 16, new_tokens: 8, prompts: [Hello]}
+gates: {max_kld: 0.05, min_top1: 0.8}
+variants:
+  - {name: uniform, method: rtn, bits: 4, group_size: 128}
+  - {name: auto, method: auto, base: rtn, budget: {max_kld: 0.015}}
+"""
+
+
+@pytest.mark.slow
+def test_auto_variant_meets_its_budget_on_held_out_text_and_loads_as_a_mixed_folder(tmp_path_factory):
+    import json
+
+    from conftest import entry, run_recipe
+
+    out, report = run_recipe(tmp_path_factory, "auto", AUTO_RECIPE)
+    auto = entry(report, "auto", "compressed-tensors")
+    assert auto["released"], auto["not_released_because"]
+    held_out = auto["targets"]["cpu"]["metrics"]
+    assert held_out["kld"] <= 0.015 + 2 * held_out["kld_se"]  # verified in transformers on the evaluation windows
+    automix = auto["automix"]
+    last = automix["steps"][-1]
+    assert automix["met_on_selection"] and last["measured"] <= 0.015 and len(automix["steps"]) <= 4
+    assert abs(last["predicted"] - last["measured"]) < 0.2 * last["measured"]  # RTN: the Fisher predicts well
+    assert len(set(auto["layer_plan"].values())) > 1 and set(auto["layer_plan"].values()) <= {"3g64", "4g64", "4g128", "8g128", "keep"}
+    assert sum(automix["contributions"].values()) == pytest.approx(last["predicted"], rel=1e-3)
+    config = json.loads((out / "release" / "auto" / "compressed-tensors" / "config.json").read_text())["quantization_config"]
+    settings = {name for name in auto["layer_plan"].values() if name != "keep"}
+    assert len(config["config_groups"]) == len(settings)
+    assert "plan for max KLD 0.015" in (out / "report.md").read_text()

@@ -14,6 +14,7 @@ Methods: rtn, gptq, awq (scale search, clipping, RTN) and awq-gptq (scale search
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -46,18 +47,24 @@ def linear_names(layers: int) -> list[str]:
 
 def quantization_config(plan: dict[str, int], group_size: int, symmetric: bool, actorder: str | None) -> dict:
     """config.json's quantization_config, as llm-compressor writes it for the same layer plan."""
+    return mixed_quantization_config({layer: (bits, group_size) for layer, bits in plan.items() if bits != KEEP},
+                                     [layer for layer, bits in plan.items() if bits == KEEP], symmetric, actorder)
+
+
+def mixed_quantization_config(schemes: dict[str, tuple[int, int]], kept: list[str], symmetric: bool,
+                              actorder: str | None) -> dict:
+    """quantization_config for layers of several (bits, group size) settings: one config group per setting,
+    naming its layers exactly; `kept` layers stay in floating point."""
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
-    from compress.quantize.llmc import plan_groups
-
-    groups, ignore = plan_groups(plan, group_size, symmetric)
-    schemes = {}
-    for number, group in enumerate(groups.values()):
-        args = rounding.weight_args(group["weights"]["num_bits"], group_size, symmetric, actorder)
-        schemes[f"group_{number}"] = QuantizationScheme(targets=group["targets"], weights=args, format="pack-quantized")
-    config = QuantizationConfig(config_groups=schemes, ignore=ignore, format="pack-quantized",
-                                quantization_status="compressed")
+    settings = sorted(set(schemes.values()), key=lambda setting: (setting[0], setting[1] == -1, setting[1]))
+    groups = {}
+    for number, (bits, group_size) in enumerate(settings):
+        targets = [f"re:^{re.escape(layer)}$" for layer, setting in schemes.items() if setting == (bits, group_size)]
+        groups[f"group_{number}"] = QuantizationScheme(targets=targets, format="pack-quantized",
+                                                       weights=rounding.weight_args(bits, group_size, symmetric, actorder))
+    config = QuantizationConfig(config_groups=groups, ignore=kept, format="pack-quantized", quantization_status="compressed")
     return {**config.model_dump(mode="json"), "sparsity_config": {}, "transform_config": {},
             "version": compressed_tensors.__version__}
 

@@ -1,0 +1,174 @@
+"""An auto variant's artifact: the smallest mixed-precision compressed-tensors folder whose KLD meets its budget.
+
+1. Each candidate setting is calibrated with the variant's base quantizer over the whole model (one extra
+   calibration pass per candidate, layer by layer, as every calibration here).
+2. On a selection slice — calibration-length windows of the calibration text that overlap none of the
+   calibration samples, and never the evaluation windows — the Fisher of the float model predicts each
+   layer's KLD at each candidate (compress.quantize.sensitivity).
+3. A knapsack picks the fewest bytes whose predicted KLD meets the budget (compress.quantize.automix); the plan's
+   KLD is measured on the selection slice, and where it misses the budget the predictions are scaled by
+   measured ÷ predicted and the plan chosen again (at most MAX_EVALUATIONS measurements).
+4. The folder takes each layer's tensors from its candidate's calibration; it is then verified like any
+   other artifact, on the evaluation windows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from compress import memory
+from compress.data import load_documents, selection_windows, token_stream
+from compress.model import ModelInfo
+from compress.produce import Workspace
+from compress.quantize.automix import Option, packed_bytes, smallest_plan
+from compress.quantize.sensitivity import candidate_predictions, plan_kld
+from compress.quantize.streaming import calibrate_streaming, mixed_quantization_config
+from compress.release import write_json_atomic
+from compress.results import Artifact
+from compress.tensors import TensorFolder
+from compress.verify.size import checkpoint_bits, folder_bytes
+
+MAX_EVALUATIONS = 4  # measurements of a plan on the selection slice, the corrective steps included
+QUANTIZED_PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+
+
+def auto_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, space: Workspace, stamp: str,
+                   budget_bytes: int | None) -> list[Artifact]:
+    started = time.perf_counter()
+    hidden_budget = None if budget_bytes is None else memory.activation_budget(budget_bytes)
+    candidates = _calibrated_candidates(variant, info, samples, space, stamp, budget_bytes)
+    selection = _selection(recipe, variant, info)
+    predictions = candidate_predictions(info.path, candidates, selection, seed=recipe.calibration.seed,
+                                        budget_bytes=hidden_budget, spill_dir=space.work("activations"))
+    options = _options(variant, info, candidates, predictions)
+    target, scale, steps, plan = variant.budget.max_kld, 1.0, [], {}
+    for _ in range(MAX_EVALUATIONS):
+        scaled = {layer: [Option(o.name, o.bytes, o.kld * scale) for o in choices] for layer, choices in options.items()}
+        plan = smallest_plan(scaled, target)
+        predicted = sum(option.kld for option in plan.values()) / scale
+        measured, se = plan_kld(info.path, {layer: candidates[o.name] for layer, o in plan.items() if o.name != "keep"},
+                                selection, hidden_budget, space.work("activations"))
+        steps.append({"predicted": predicted, "scale": scale, "measured": measured, "measured_se": se,
+                      "bytes": sum(option.bytes for option in plan.values()),
+                      "plan": dict(Counter(option.name for option in plan.values()))})
+        if measured <= target:
+            break
+        scale = measured / predicted  # the predictions' error on this model, this slice, this quantizer
+    folder = space.staging("compressed-tensors")
+    _write_mixed(info.path, {layer: option.name for layer, option in plan.items()}, candidates, variant, folder)
+    details = {
+        "layer_plan": {layer: option.name for layer, option in plan.items()},
+        "layer_bits": dict(Counter(option.name for option in plan.values())),
+        "automix": {"budget": variant.budget.model_dump(), "base": variant.base, "candidates": list(variant.candidates),
+                    "selection_windows": int(len(selection)), "selection_tokens": int(selection.size),
+                    "predicted": {layer: {name: round(kld, 8) for name, kld in found.items()} for layer, found in predictions.items()},
+                    "contributions": {layer: round(predictions[layer][o.name], 8) if o.name != "keep" else 0.0
+                                      for layer, o in plan.items()},
+                    "steps": steps, "met_on_selection": steps[-1]["measured"] <= target,
+                    "seconds": round(time.perf_counter() - started, 1)},
+        "log": str(space.log),
+    }
+    write_json_atomic(space.work("automix.json"), details["automix"])
+    return [Artifact(variant.name, variant.method, "compressed-tensors", folder, "transformers", folder_bytes(folder),
+                     checkpoint_bits(folder), details, runnable=folder)]
+
+
+def _calibrated_candidates(variant, info: ModelInfo, samples: np.ndarray, space: Workspace, stamp: str,
+                           budget_bytes: int | None) -> dict[str, Path]:
+    """{candidate: its calibrated folder}: the whole model at that setting with the base quantizer (layers the
+    variant ignores kept). A folder calibrated before from the same inputs (`stamp`) is reused."""
+    found = {}
+    for name, setting in variant.candidate_settings().items():
+        if setting is None:
+            continue
+        folder, record = space.work(f"candidates/{name}"), space.work(f"candidates/{name}.stamp")
+        if not (folder / "config.json").is_file() or not record.is_file() or record.read_text() != stamp:
+            partial = space.work(f"candidates/{name}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            single = variant.model_copy(update={"method": variant.base, "bits": setting[0], "group_size": setting[1]})
+            calibrate_streaming(info.path, single, samples, partial, space.work("activations"), budget_bytes)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(partial, folder)
+            record.write_text(stamp)
+            memory.give_back_freed_memory()
+        found[name] = folder
+    return found
+
+
+def _selection(recipe, variant, info: ModelInfo) -> np.ndarray:
+    from transformers import AutoTokenizer
+
+    calibration = recipe.calibration
+    tokenizer = AutoTokenizer.from_pretrained(info.path, local_files_only=True, trust_remote_code=False)
+    tokenizer.model_max_length = 1 << 30
+    stream = token_stream(load_documents(calibration.dataset), tokenizer)
+    return selection_windows(stream, calibration.seq_len, variant.selection, calibration.samples, calibration.seed)
+
+
+def _options(variant, info: ModelInfo, candidates: dict[str, Path], predictions: dict[str, dict[str, float]]) -> dict[str, list[Option]]:
+    """Each layer's choices: every candidate with its bytes and predicted KLD, and keep (its stored bytes)."""
+    settings = variant.candidate_settings()
+    stored = {"F32": 4}.get(info.stored_dtype, 2)
+    with TensorFolder(next(iter(candidates.values()))) as tensors:
+        shapes = {layer: tuple(int(size) for size in tensors.array(f"{layer}.weight_shape")) for layer in predictions}
+    options = {}
+    for layer, found in predictions.items():
+        out_features, in_features = shapes[layer]
+        options[layer] = [Option(name, packed_bytes(out_features, in_features, *settings[name], variant.symmetric, stored), kld)
+                          for name, kld in found.items()]
+        if "keep" in settings:
+            options[layer].append(Option("keep", out_features * in_features * stored, 0.0))
+    return options
+
+
+def _write_mixed(model_path: Path, plan: dict[str, str], candidates: dict[str, Path], variant, out: Path) -> None:
+    """A compressed-tensors folder: each planned layer's tensors from its candidate's calibration, every other
+    tensor (kept layers, norms, embedding, head) from the float checkpoint, config groups per setting."""
+    from compress.export.shards import ShardWriter
+    from compress.quantize.streaming import _carry_files
+
+    settings = variant.candidate_settings()
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    writer = ShardWriter(partial)
+    folders = {name: TensorFolder(path) for name, path in candidates.items()}
+    try:
+        with TensorFolder(model_path) as original:
+            pieces: dict[str, list[str]] = {}  # a decoder layer's tensors, or one other tensor: a shard each
+            for name in original.keys():
+                pieces.setdefault(".".join(name.split(".")[:3]) if name.startswith("model.layers.") else name, []).append(name)
+            for names in pieces.values():
+                for name in names:
+                    module = name.rsplit(".", 1)[0]
+                    choice = plan.get(module, "keep")
+                    if choice == "keep":
+                        writer.add(name, original.tensor(name))
+                        continue
+                    for part in QUANTIZED_PARTS:
+                        if f"{module}.{part}" in folders[choice]:
+                            writer.add(f"{module}.{part}", folders[choice].tensor(f"{module}.{part}"))
+                writer.flush()
+        shards = writer.close()
+    finally:
+        for tensors in folders.values():
+            tensors.close()
+    out.mkdir(parents=True, exist_ok=True)
+    for shard in shards:
+        shutil.move(str(shard), out / shard.name)
+    if (partial / "model.safetensors.index.json").is_file():
+        shutil.move(str(partial / "model.safetensors.index.json"), out / "model.safetensors.index.json")
+    shutil.rmtree(partial, ignore_errors=True)
+    _carry_files(model_path, out)
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    schemes = {layer: settings[choice] for layer, choice in plan.items() if choice != "keep"}
+    kept = [layer for layer, choice in plan.items() if choice == "keep"] + ["lm_head"] * ("lm_head" not in plan)
+    actorder = "static" if variant.base == "gptq" else None
+    config["quantization_config"] = mixed_quantization_config(schemes, kept, variant.symmetric, actorder)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
