@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -27,15 +28,15 @@ from compress import memory
 from compress.data import load_documents, selection_windows, token_stream
 from compress.model import ModelInfo
 from compress.produce import Workspace
-from compress.quantize.automix import Option, packed_bytes, smallest_plan
-from compress.quantize.sensitivity import candidate_predictions, plan_kld
+from compress.quantize.automix import BudgetTooSmall, Option, packed_bytes, smallest_plan
+from compress.quantize.sensitivity import candidate_predictions, float_logprobs, plan_kld
 from compress.quantize.streaming import calibrate_streaming, mixed_quantization_config
 from compress.release import write_json_atomic
-from compress.results import Artifact
+from compress.results import FAIL, Artifact
 from compress.tensors import TensorFolder
 from compress.verify.size import checkpoint_bits, folder_bytes
 
-MAX_EVALUATIONS = 4  # measurements of a plan on the selection slice, the corrective steps included
+MAX_EVALUATIONS = 8  # plans measured on the selection slice, the corrective steps included (issue 14: at most 12)
 QUANTIZED_PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 
 
@@ -48,19 +49,15 @@ def auto_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, space:
     predictions = candidate_predictions(info.path, candidates, selection, seed=recipe.calibration.seed,
                                         budget_bytes=hidden_budget, spill_dir=space.work("activations"))
     options = _options(variant, info, candidates, predictions)
-    target, scale, steps, plan = variant.budget.max_kld, 1.0, [], {}
-    for _ in range(MAX_EVALUATIONS):
-        scaled = {layer: [Option(o.name, o.bytes, o.kld * scale) for o in choices] for layer, choices in options.items()}
-        plan = smallest_plan(scaled, target)
-        predicted = sum(option.kld for option in plan.values()) / scale
-        measured, se = plan_kld(info.path, {layer: candidates[o.name] for layer, o in plan.items() if o.name != "keep"},
-                                selection, hidden_budget, space.work("activations"))
-        steps.append({"predicted": predicted, "scale": scale, "measured": measured, "measured_se": se,
-                      "bytes": sum(option.bytes for option in plan.values()),
-                      "plan": dict(Counter(option.name for option in plan.values()))})
-        if measured <= target:
-            break
-        scale = measured / predicted  # the predictions' error on this model, this slice, this quantizer
+    try:
+        plan, steps = _corrected_plan(options, variant.budget.max_kld, info.path, candidates, selection, hidden_budget,
+                                      space.work("activations"))
+    except BudgetTooSmall as error:
+        failed = {target: (FAIL, f"no plan of these candidates is predicted to meet the budget: {error}") for target in recipe.targets}
+        folder = space.staging("compressed-tensors")
+        folder.mkdir(parents=True)
+        return [Artifact(variant.name, variant.method, "compressed-tensors", folder, "transformers", 0,
+                         {"bits_per_weight": None, "bits_per_weight_all": None}, {"log": str(space.log)}, skipped=failed)]
     folder = space.staging("compressed-tensors")
     _write_mixed(info.path, {layer: option.name for layer, option in plan.items()}, candidates, variant, folder)
     details = {
@@ -69,15 +66,57 @@ def auto_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, space:
         "automix": {"budget": variant.budget.model_dump(), "base": variant.base, "candidates": list(variant.candidates),
                     "selection_windows": int(len(selection)), "selection_tokens": int(selection.size),
                     "predicted": {layer: {name: round(kld, 8) for name, kld in found.items()} for layer, found in predictions.items()},
-                    "contributions": {layer: round(predictions[layer][o.name], 8) if o.name != "keep" else 0.0
-                                      for layer, o in plan.items()},
-                    "steps": steps, "met_on_selection": steps[-1]["measured"] <= target,
+                    "contributions": {layer: round(option.kld, 8) for layer, option in plan.items()},
+                    "steps": steps, "met_on_selection": any(step["measured"] <= variant.budget.max_kld for step in steps),
                     "seconds": round(time.perf_counter() - started, 1)},
         "log": str(space.log),
     }
     write_json_atomic(space.work("automix.json"), details["automix"])
     return [Artifact(variant.name, variant.method, "compressed-tensors", folder, "transformers", folder_bytes(folder),
                      checkpoint_bits(folder), details, runnable=folder)]
+
+
+def _corrected_plan(options: dict[str, list[Option]], target: float, model_path: Path, candidates: dict[str, Path],
+                    selection: np.ndarray, hidden_budget: int | None, spill_dir: Path) -> tuple[dict[str, Option], list[dict]]:
+    """The knapsack's plan for predictions scaled by s (first s = 1), measured on the selection slice; then s is
+    searched: the last plan's measured ÷ predicted while every plan met or every plan missed the target (the
+    Fisher's diagonal over-predicts GPTQ's error, which GPTQ shapes to cancel, several-fold), the geometric mean
+    of the smallest s that met and the largest that missed once both are known. Until a plan repeats or
+    MAX_EVALUATIONS are spent. -> (the smallest plan measured within the target, else the last; every step)."""
+    reference = float_logprobs(model_path, selection, hidden_budget, spill_dir)
+    scale, steps, seen, plan = 1.0, [], set(), {}
+    met, missed = [], []  # scales whose plans met / missed the target
+    for _ in range(MAX_EVALUATIONS):
+        try:
+            chosen = smallest_plan({layer: [Option(o.name, o.bytes, o.kld * scale) for o in choices]
+                                    for layer, choices in options.items()}, target)
+        except BudgetTooSmall:
+            if not steps:
+                raise
+            break
+        plan = {layer: next(o for o in options[layer] if o.name == option.name) for layer, option in chosen.items()}
+        names = tuple(option.name for option in plan.values())
+        if names in seen:
+            break
+        seen.add(names)
+        predicted = sum(option.kld for option in plan.values())
+        measured, se = plan_kld(model_path, {layer: candidates[o.name] for layer, o in plan.items() if o.name != "keep"},
+                                selection, hidden_budget, spill_dir, reference)
+        steps.append({"predicted": predicted, "scale": scale, "measured": measured, "measured_se": se,
+                      "bytes": sum(option.bytes for option in plan.values()),
+                      "plan": dict(Counter(option.name for option in plan.values())), "_plan": plan})
+        (met if measured <= target else missed).append(scale)
+        if met and missed:
+            scale = math.sqrt(min(met) * max(missed))
+        elif predicted > 0:
+            scale = measured / predicted
+    within = [step for step in steps if step["measured"] <= target]
+    chosen_step = min(within, key=lambda step: step["bytes"]) if within else steps[-1]
+    chosen_step["chosen"] = True
+    plan = chosen_step["_plan"]
+    for step in steps:
+        del step["_plan"]
+    return plan, steps
 
 
 def _calibrated_candidates(variant, info: ModelInfo, samples: np.ndarray, space: Workspace, stamp: str,

@@ -271,12 +271,12 @@ def verdict_lines(report: dict) -> list[str]:
 
 def automix_line(automix: dict) -> str:
     """How an auto variant's plan was chosen, in one sentence."""
-    last = automix["steps"][-1]
+    last = next(step for step in automix["steps"] if step.get("chosen"))
     plan = ", ".join(f"{count} at {name}" for name, count in sorted(last["plan"].items()))
     return (f"plan for max KLD {automix['budget']['max_kld']:g} ({automix['base']} candidates {', '.join(automix['candidates'])}): "
             f"{plan}; predicted {last['predicted']:.4g}, measured {last['measured']:.4g} ± {last['measured_se']:.2g} on "
-            f"{automix['selection_windows']} selection windows disjoint from calibration and evaluation, after "
-            f"{len(automix['steps'])} evaluation(s)" + ("" if automix["met_on_selection"] else " — NOT met on the selection slice"))
+            f"{automix['selection_windows']} selection windows disjoint from calibration and evaluation (the chosen of "
+            f"{len(automix['steps'])} plan(s) measured; predictions scaled by measured ÷ predicted between them)" + ("" if automix["met_on_selection"] else " — NOT met on the selection slice"))
 
 
 def gguf_lines(gguf: dict) -> list[str]:

@@ -157,9 +157,10 @@ def test_auto_variant_meets_its_budget_on_held_out_text_and_loads_as_a_mixed_fol
     held_out = auto["targets"]["cpu"]["metrics"]
     assert held_out["kld"] <= 0.015 + 2 * held_out["kld_se"]  # verified in transformers on the evaluation windows
     automix = auto["automix"]
-    last = automix["steps"][-1]
+    last = next(step for step in automix["steps"] if step.get("chosen"))
     assert automix["met_on_selection"] and last["measured"] <= 0.015 and len(automix["steps"]) <= 4
-    assert abs(last["predicted"] - last["measured"]) < 0.2 * last["measured"]  # RTN: the Fisher predicts well
+    first = automix["steps"][0]
+    assert abs(first["predicted"] - first["measured"]) < 0.2 * first["measured"]  # RTN: the Fisher predicts well
     assert len(set(auto["layer_plan"].values())) > 1 and set(auto["layer_plan"].values()) <= {"3g64", "4g64", "4g128", "8g128", "keep"}
     assert sum(automix["contributions"].values()) == pytest.approx(last["predicted"], rel=1e-3)
     config = json.loads((out / "release" / "auto" / "compressed-tensors" / "config.json").read_text())["quantization_config"]

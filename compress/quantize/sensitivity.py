@@ -42,13 +42,20 @@ def candidate_predictions(model_folder: Path, candidates: dict[str, Path], windo
 
 
 def plan_kld(model_folder: Path, plan: dict[str, Path], windows: np.ndarray, budget_bytes: int | None = None,
-             spill_dir: Path | None = None) -> tuple[float, float]:
+             spill_dir: Path | None = None, reference: list[np.ndarray] | None = None) -> tuple[float, float]:
     """(mean KLD per token, its standard error over windows) of the float model with each layer in `plan`
-    replaced by that candidate folder's dequantized weights, against the float model, on `windows`."""
-    reference = _logprobs(model_folder, {}, windows, budget_bytes, spill_dir)
+    replaced by that candidate folder's dequantized weights, against the float model (`reference`, from
+    float_logprobs, where already computed) on `windows`."""
+    reference = reference if reference is not None else float_logprobs(model_folder, windows, budget_bytes, spill_dir)
     mixed = _logprobs(model_folder, plan, windows, budget_bytes, spill_dir)
     per_window = np.array([(np.exp(r) * (r - m)).sum(-1).mean() for r, m in zip(reference, mixed, strict=True)])
     return float(per_window.mean()), float(per_window.std(ddof=1) / np.sqrt(len(per_window)))
+
+
+def float_logprobs(model_folder: Path, windows: np.ndarray, budget_bytes: int | None = None,
+                   spill_dir: Path | None = None) -> list[np.ndarray]:
+    """The float model's next-token log-probs of each window [seq_len, vocab], layer by layer."""
+    return _logprobs(model_folder, {}, windows, budget_bytes, spill_dir)
 
 
 def _logprobs(model_folder: Path, plan: dict[str, Path], windows: np.ndarray, budget_bytes: int | None,
