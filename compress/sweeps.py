@@ -10,7 +10,9 @@ SWEEP_NAME_PARTS = {
     "bits": lambda value: f"w{value}",
     "group_size": lambda value: f"g{value}",
     "symmetric": lambda value: "sym" if value else "asym",
+    "max_kld": lambda value: f"kld{value:g}",  # auto variants: one per budget, a Pareto front in one run
 }
+NESTED = {"max_kld": "budget"}  # matrix keys that set a field inside one of the variant's blocks
 
 
 def expand_matrix(variant: dict) -> list[dict]:
@@ -25,5 +27,11 @@ def expand_matrix(variant: dict) -> list[dict]:
     expanded = []
     for values in itertools.product(*(matrix[key] for key in keys)):
         parts = [SWEEP_NAME_PARTS.get(key, lambda v, k=key: f"{k}{v}")(value) for key, value in zip(keys, values, strict=True)]
-        expanded.append({**base, **dict(zip(keys, values, strict=True)), "name": "-".join([str(base.get("name", "sweep")), *parts])})
+        one = {**base, "name": "-".join([str(base.get("name", "sweep")), *parts])}
+        for key, value in zip(keys, values, strict=True):
+            if key in NESTED:
+                one[NESTED[key]] = {**(base.get(NESTED[key]) or {}), key: value}
+            else:
+                one[key] = value
+        expanded.append(one)
     return expanded

@@ -167,3 +167,11 @@ def test_auto_variant_meets_its_budget_on_held_out_text_and_loads_as_a_mixed_fol
     settings = {name for name in auto["layer_plan"].values() if name != "keep"}
     assert len(config["config_groups"]) == len(settings)
     assert "plan for max KLD 0.015" in (out / "report.md").read_text()
+
+
+def test_a_matrix_of_budgets_gives_one_auto_variant_per_budget():
+    from compress.recipe import parse_recipe
+
+    recipe = parse_recipe(AUTO_BASE % "{name: front, method: auto, base: rtn, matrix: {max_kld: [0.01, 0.02, 0.04]}}")
+    assert [(v.name, v.budget.max_kld, v.base) for v in recipe.variants] == [
+        ("front-kld0.01", 0.01, "rtn"), ("front-kld0.02", 0.02, "rtn"), ("front-kld0.04", 0.04, "rtn")]
