@@ -136,11 +136,14 @@ def run_all_layers(model: LayerwiseModel, windows: np.ndarray, budget_bytes: int
 
 
 def window_logprobs(folder: Path, windows: np.ndarray, budget_bytes: int | None = None,
-                    spill_dir: Path | None = None) -> Iterator[Iterator[np.ndarray]]:
+                    spill_dir: Path | None = None,
+                    each_layer: Callable[[int, torch.nn.Module, Activations], torch.nn.Module] | None = None,
+                    ) -> Iterator[Iterator[np.ndarray]]:
     """Next-token log-probs of each window, as a plain forward of the whole model gives them, computed one
-    decoder layer at a time: blocks of BLOCK_ROWS rows [rows, vocab] float32, in order."""
+    decoder layer at a time: blocks of BLOCK_ROWS rows [rows, vocab] float32, in order. `each_layer` as in
+    run_all_layers (to run the model with some layers changed)."""
     with LayerwiseModel(folder) as model:
-        hidden = run_all_layers(model, windows, budget_bytes, spill_dir)
+        hidden = run_all_layers(model, windows, budget_bytes, spill_dir, each_layer)
         for index in range(len(windows)):
             yield _head_blocks(model, hidden.read(index, index + 1)[0, :-1])
         hidden.delete()

@@ -29,7 +29,7 @@ from compress.data import load_documents, selection_windows, token_stream
 from compress.model import ModelInfo
 from compress.produce import Workspace
 from compress.quantize.automix import BudgetTooSmall, Option, packed_bytes, smallest_plan
-from compress.quantize.sensitivity import candidate_predictions, float_logprobs, plan_kld
+from compress.quantize.sensitivity import candidate_predictions, float_reference, plan_kld
 from compress.quantize.streaming import calibrate_streaming, mixed_quantization_config
 from compress.release import write_json_atomic
 from compress.results import FAIL, Artifact
@@ -51,7 +51,7 @@ def auto_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, space:
     options = _options(variant, info, candidates, predictions)
     try:
         plan, steps = _corrected_plan(options, variant.budget.max_kld, info.path, candidates, selection, hidden_budget,
-                                      space.work("activations"))
+                                      space.work("activations"), recipe.evaluation.top_k)
     except BudgetTooSmall as error:
         failed = {target: (FAIL, f"no plan of these candidates is predicted to meet the budget: {error}") for target in recipe.targets}
         folder = space.staging("compressed-tensors")
@@ -77,13 +77,15 @@ def auto_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, space:
 
 
 def _corrected_plan(options: dict[str, list[Option]], target: float, model_path: Path, candidates: dict[str, Path],
-                    selection: np.ndarray, hidden_budget: int | None, spill_dir: Path) -> tuple[dict[str, Option], list[dict]]:
+                    selection: np.ndarray, hidden_budget: int | None, spill_dir: Path,
+                    top_k: int) -> tuple[dict[str, Option], list[dict]]:
     """The knapsack's plan for predictions scaled by s (first s = 1), measured on the selection slice; then s is
     searched: the last plan's measured ÷ predicted while every plan met or every plan missed the target (the
     Fisher's diagonal over-predicts GPTQ's error, which GPTQ shapes to cancel, several-fold), the geometric mean
     of the smallest s that met and the largest that missed once both are known. Until a plan repeats or
-    MAX_EVALUATIONS are spent. -> (the smallest plan measured within the target, else the last; every step)."""
-    reference = float_logprobs(model_path, selection, hidden_budget, spill_dir)
+    MAX_EVALUATIONS are spent. KLD is measured as the verdict measures it (the float model's top-k reference).
+    -> (the smallest plan measured within the target, else the last; every step)."""
+    reference = float_reference(model_path, selection, hidden_budget, spill_dir, top_k)
     scale, steps, seen, plan = 1.0, [], set(), {}
     met, missed = [], []  # scales whose plans met / missed the target
     for _ in range(MAX_EVALUATIONS):

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 from compress.export.repack import dequantize
-from compress.layerwise import LayerwiseModel, run_all_layers
+from compress.layerwise import window_logprobs
 from compress.quantize.fisher import layer_fisher, predicted_kld
 from compress.tensors import TensorFolder
+from compress.verify.accuracy import Reference, stack_windows, summarise, window_figures, window_reference
 from compress.verify.layers import stored_linear
 
 
@@ -41,25 +42,21 @@ def candidate_predictions(model_folder: Path, candidates: dict[str, Path], windo
     return predictions
 
 
+def float_reference(model_folder: Path, windows: np.ndarray, budget_bytes: int | None = None,
+                    spill_dir: Path | None = None, top_k: int = 64) -> Reference:
+    """The float model's top-k reference on `windows` (as the verdict's: compress.verify.accuracy)."""
+    parts = [window_reference(blocks, windows[index, 1:], top_k)
+             for index, blocks in enumerate(window_logprobs(model_folder, windows, budget_bytes, spill_dir))]
+    return Reference(**stack_windows(parts))
+
+
 def plan_kld(model_folder: Path, plan: dict[str, Path], windows: np.ndarray, budget_bytes: int | None = None,
-             spill_dir: Path | None = None, reference: list[np.ndarray] | None = None) -> tuple[float, float]:
-    """(mean KLD per token, its standard error over windows) of the float model with each layer in `plan`
-    replaced by that candidate folder's dequantized weights, against the float model (`reference`, from
-    float_logprobs, where already computed) on `windows`."""
-    reference = reference if reference is not None else float_logprobs(model_folder, windows, budget_bytes, spill_dir)
-    mixed = _logprobs(model_folder, plan, windows, budget_bytes, spill_dir)
-    per_window = np.array([(np.exp(r) * (r - m)).sum(-1).mean() for r, m in zip(reference, mixed, strict=True)])
-    return float(per_window.mean()), float(per_window.std(ddof=1) / np.sqrt(len(per_window)))
-
-
-def float_logprobs(model_folder: Path, windows: np.ndarray, budget_bytes: int | None = None,
-                   spill_dir: Path | None = None) -> list[np.ndarray]:
-    """The float model's next-token log-probs of each window [seq_len, vocab], layer by layer."""
-    return _logprobs(model_folder, {}, windows, budget_bytes, spill_dir)
-
-
-def _logprobs(model_folder: Path, plan: dict[str, Path], windows: np.ndarray, budget_bytes: int | None,
-              spill_dir: Path | None) -> list[np.ndarray]:
+             spill_dir: Path | None = None, reference: Reference | None = None) -> tuple[float, float]:
+    """(KLD, its standard error over windows) of the float model with each layer in `plan` replaced by that
+    candidate folder's dequantized weights, against the float model's top-k `reference` (float_reference, where
+    already computed), on `windows`: the verdict's own figure, window by window, so no window's full log-probs
+    outlive it."""
+    reference = reference if reference is not None else float_reference(model_folder, windows, budget_bytes, spill_dir)
     folders = {path: TensorFolder(path) for path in set(plan.values())}
 
     def each_layer(index: int, layer: torch.nn.Module, _inputs) -> torch.nn.Module:
@@ -71,15 +68,10 @@ def _logprobs(model_folder: Path, plan: dict[str, Path], windows: np.ndarray, bu
         return layer
 
     try:
-        with LayerwiseModel(model_folder) as model:
-            hidden = run_all_layers(model, windows, budget_bytes, spill_dir, each_layer)
-            result = []
-            for index in range(len(windows)):
-                with torch.inference_mode():
-                    logits = model.head_logits(hidden.read(index, index + 1)[0])
-                    result.append(torch.log_softmax(logits, dim=-1).numpy())
-            hidden.delete()
+        blocks = window_logprobs(model_folder, windows, budget_bytes, spill_dir, each_layer)
+        parts = [window_figures(reference.window(index), window, windows[index, 1:]) for index, window in enumerate(blocks)]
     finally:
         for tensors in folders.values():
             tensors.close()
-    return result
+    figures = summarise(reference, stack_windows(parts))
+    return figures["kld"], figures["kld_se"]

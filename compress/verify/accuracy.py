@@ -128,6 +128,11 @@ def position_figures(reference: Reference, logprobs: np.ndarray, targets: np.nda
     }
 
 
+def stack_windows(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per-window figures (window_reference, window_figures) stacked into [W, ...] arrays, key by key."""
+    return {key: np.stack([part[key] for part in parts]) for key in parts[0]}
+
+
 def summarise(reference: Reference, figures: dict[str, np.ndarray]) -> dict[str, float]:
     """Every accuracy figure from per-position figures [W, T] (see position_figures)."""
     ppl, nll_se = perplexity(figures["target_logprobs"])

@@ -19,7 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from compress.verify.accuracy import Reference, perplexity, summarise, window_figures, window_reference
+from compress.verify.accuracy import (
+    Reference,
+    perplexity,
+    stack_windows,
+    summarise,
+    window_figures,
+    window_reference,
+)
 from compress.verify.cpu_share import CpuShare
 from compress.verify.speed import measure_speed
 from compress.verify.targets import device_for, prepare
@@ -63,10 +70,6 @@ def context_tokens(job: dict, windows: np.ndarray, prompt: np.ndarray) -> int:
     """The longest sequence a job runs: a window, the speed prompt and its tokens, a generation prompt and its."""
     prompts = [len(ids) + job.get("generation_tokens", 0) for ids in job.get("prompts", [])]
     return max([windows.shape[1], len(prompt) + job.get("new_tokens", 0), *prompts])
-
-
-def _stack(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {key: np.stack([part[key] for part in parts]) for key in parts[0]}
 
 
 def run_job(job: dict) -> dict:
@@ -136,14 +139,14 @@ def _accuracy(job: dict, logprobs, targets: np.ndarray) -> dict:
     window's log-probs as blocks of rows (compress.verify.accuracy.BLOCK_ROWS positions each)."""
     if job.get("write_reference"):
         parts = [window_reference(blocks, target, job["top_k"]) for blocks, target in zip(logprobs, targets, strict=True)]
-        reference = Reference(**_stack(parts))
+        reference = Reference(**stack_windows(parts))
         np.savez(job["write_reference"], **reference.as_arrays())
         ppl, nll_se = perplexity(reference.target_logprobs)
         return {"ppl": ppl, "nll_se": nll_se}
     with np.load(job["reference"]) as stored:
         reference = Reference(**{key: stored[key] for key in ("top_ids", "top_logprobs", "target_logprobs")})
     parts = [window_figures(reference.window(index), blocks, targets[index]) for index, blocks in enumerate(logprobs)]
-    return summarise(reference, _stack(parts))
+    return summarise(reference, stack_windows(parts))
 
 
 def serve_speed(job: dict) -> None:
