@@ -81,3 +81,12 @@ def test_predicted_kld_of_one_layer_tracks_its_measured_kld():
     measured = float((before.exp() * (before - after)).sum(-1).mean())
     predicted = predicted_kld(fisher, weight, quantized, windows.shape[1])
     assert measured > 1e-4 and 1 / 1.5 < predicted / measured < 1.5, (predicted, measured)
+
+
+def test_without_head_the_head_is_skipped_and_the_layers_are_the_same():
+    windows = np.random.default_rng(4).integers(5, 4000, size=(2, 32))
+    with_head, without = {}, {}
+    labels = layer_fisher(TINY, windows, lambda name, _w, fisher: with_head.update({name: fisher}))
+    layer_fisher(TINY, windows, lambda name, _w, fisher: without.update({name: fisher}), labels=labels, head=False)
+    assert "lm_head" in with_head and "lm_head" not in without and len(without) == 16
+    assert all(torch.equal(without[name], with_head[name]) for name in without)

@@ -37,9 +37,9 @@ def _normed(model: LayerwiseModel, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _head_step(model: LayerwiseModel, hidden: torch.Tensor, labels: np.ndarray | None, generator: torch.Generator,
-               head_fisher: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-    """One window [seq_len, hidden]: sample labels where none are given, add the head's g² to `head_fisher`,
-    and return d(-log p(labels))/d(hidden) with the labels."""
+               head_fisher: torch.Tensor | None) -> tuple[torch.Tensor, np.ndarray]:
+    """One window [seq_len, hidden]: sample labels where none are given, add the head's g² to `head_fisher`
+    (where one is kept), and return d(-log p(labels))/d(hidden) with the labels."""
     _, head = _head(model)
     hidden = hidden.detach().requires_grad_(True)
     normed = _normed(model, hidden)
@@ -56,16 +56,18 @@ def _head_step(model: LayerwiseModel, hidden: torch.Tensor, labels: np.ndarray |
         for row in rows:
             part = delta[:, row:row + HEAD_ROWS]
             grad_normed += part @ head[row:row + HEAD_ROWS].float()
-            head_fisher[row:row + HEAD_ROWS] += (part.T @ normed.detach()).pow(2)
+            if head_fisher is not None:
+                head_fisher[row:row + HEAD_ROWS] += (part.T @ normed.detach()).pow(2)
     normed.backward(grad_normed)
     return hidden.grad.detach(), labels
 
 
 def layer_fisher(folder: Path, windows: np.ndarray, each_linear: Callable[[str, torch.Tensor, torch.Tensor], None],
                  labels: np.ndarray | None = None, seed: int = 0, budget_bytes: int | None = None,
-                 spill_dir: Path | None = None) -> np.ndarray:
+                 spill_dir: Path | None = None, head: bool = True) -> np.ndarray:
     """Call each_linear(name, float32 weight [out, in], F [out, in]) for the head ("lm_head"; the embedding
-    table where it is tied) and then every decoder layer's linear layers from the last down. -> the labels
+    table where it is tied; only with `head`: its F and float copy are the largest tensors here, 2.5 GB each at
+    Phi-4-mini's vocabulary) and then every decoder layer's linear layers from the last down. -> the labels
     [windows, seq_len] the gradients were taken for (sampled with `seed` where not given)."""
     from transformers.masking_utils import create_causal_mask
 
@@ -77,8 +79,8 @@ def layer_fisher(folder: Path, windows: np.ndarray, each_linear: Callable[[str, 
         for index in range(model.layers):
             stores.append(allocate(count, seq_len, model.hidden_size, budget_bytes, spill_dir, f"fisher-in-{index + 1}"))
             model.forward(model.layer(index), stores[index], stores[index + 1])
-        head_name, head = _head(model)
-        head_fisher = torch.zeros(head.shape, dtype=torch.float32)
+        _, table = _head(model)
+        head_fisher = torch.zeros(table.shape, dtype=torch.float32) if head else None
         grads = allocate(count, seq_len, model.hidden_size, budget_bytes, spill_dir, "fisher-grad-head")
         chosen = np.zeros((count, seq_len), dtype=np.int64)
         for window in range(count):
@@ -86,8 +88,9 @@ def layer_fisher(folder: Path, windows: np.ndarray, each_linear: Callable[[str, 
             grad, chosen[window] = _head_step(model, stores[-1].read(window, window + 1)[0], given, generator, head_fisher)
             grads.write(window, grad[None])
         stores.pop().delete()
-        each_linear("lm_head", head.float(), head_fisher / count)
-        del head, head_fisher
+        if head:
+            each_linear("lm_head", table.float(), head_fisher / count)
+        del table, head_fisher
         positions = torch.arange(seq_len).unsqueeze(0)
         for index in reversed(range(model.layers)):
             layer = model.layer(index)

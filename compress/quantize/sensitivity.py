@@ -34,8 +34,9 @@ def candidate_predictions(model_folder: Path, candidates: dict[str, Path], windo
                 quantized = torch.from_numpy(dequantize(stored_linear(tensors, layer)))
                 predictions.setdefault(layer, {})[name] = predicted_kld(fisher, weight, quantized, windows.shape[1])
 
+    head = any("lm_head.weight_packed" in tensors for tensors in folders.values())
     try:
-        layer_fisher(model_folder, windows, each_linear, seed=seed, budget_bytes=budget_bytes, spill_dir=spill_dir)
+        layer_fisher(model_folder, windows, each_linear, seed=seed, budget_bytes=budget_bytes, spill_dir=spill_dir, head=head)
     finally:
         for tensors in folders.values():
             tensors.close()
