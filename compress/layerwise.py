@@ -34,8 +34,11 @@ class LayerwiseModel:
         self.config._attn_implementation = "sdpa"  # what from_pretrained picks on CPU and CUDA
         self.tensors = TensorFolder(self.folder)
         self.rotary = Phi3RotaryEmbedding(config=self.config)
+        self._norm: torch.Tensor | None = None
+        self._head: torch.Tensor | None = None
 
     def close(self) -> None:
+        self._norm = self._head = None
         self.tensors.close()
 
     def __enter__(self) -> LayerwiseModel:
@@ -101,14 +104,30 @@ class LayerwiseModel:
                 if outputs is not None:
                     outputs.write(start, result)
 
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final RMSNorm of [..., hidden] float32 (differentiable; its weight read once)."""
+        if self._norm is None:
+            self._norm = self.tensors.tensor("model.norm.weight", torch.float32)
+        variance = hidden.pow(2).mean(-1, keepdim=True)
+        return self._norm * (hidden * torch.rsqrt(variance + float(self.config.rms_norm_eps)))
+
+    def head_weight(self) -> torch.Tensor:
+        """The LM head [vocab, hidden] in its stored dtype (the embedding table where tied), read from disk once
+        and kept for the head's calls that follow (one copy, as one call needs it anyway)."""
+        if self._head is None:
+            name = "lm_head.weight" if "lm_head.weight" in self.tensors else "model.embed_tokens.weight"
+            self._head = self.tensors.tensor(name)
+        return self._head
+
+    def release_head(self) -> None:
+        """Let the kept head go (when what follows needs its memory)."""
+        self._head = None
+
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: [..., hidden] float32 -> [..., vocab] float32. The head stays in its
         stored dtype; HEAD_ROWS rows at a time are upcast."""
-        norm_weight = self.tensors.tensor("model.norm.weight", torch.float32)
-        variance = hidden.pow(2).mean(-1, keepdim=True)
-        normed = norm_weight * (hidden * torch.rsqrt(variance + float(self.config.rms_norm_eps)))
-        name = "lm_head.weight" if "lm_head.weight" in self.tensors else "model.embed_tokens.weight"
-        head = self.tensors.tensor(name)
+        normed = self.final_norm(hidden)
+        head = self.head_weight()
         logits = torch.empty(*hidden.shape[:-1], head.shape[0], dtype=torch.float32)
         for row in range(0, head.shape[0], HEAD_ROWS):
             logits[..., row:row + HEAD_ROWS] = normed @ head[row:row + HEAD_ROWS].float().T

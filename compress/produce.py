@@ -214,13 +214,20 @@ def _onnx_artifacts(variant, recipe, info: ModelInfo, run_dir: Path, space: Work
         for artifact in artifacts:
             artifact.skipped[target] = (NOT_VERIFIED, f"the {fmt} build was not made: {reason}")
     if not artifacts:  # nothing could be built here: the variant is still reported, not verified, never released
-        folder = space.staging("onnx")
-        folder.mkdir(parents=True)
         skipped = {target: (NOT_VERIFIED, f"not built: {details['not_built'][_onnx_format(target)]}")
                    for target in recipe.targets}
-        artifacts.append(Artifact(variant.name, variant.method, "onnx", folder, "onnxruntime-genai", 0,
-                                  {"bits_per_weight": None, "bits_per_weight_all": None}, details, runnable=folder, skipped=skipped))
+        artifacts.append(unmade_artifact(variant, space, "onnx", "onnxruntime-genai", details, skipped))
     return artifacts
+
+
+def unmade_artifact(variant, space: Workspace, fmt: str, runtime: str, details: dict,
+                    verdicts: dict[str, tuple[str, str]]) -> Artifact:
+    """A variant whose artifact could not be made: an empty staging folder, reported with `verdicts` (target ->
+    (status, why)) on every target, never run, never released."""
+    folder = space.staging(fmt)
+    folder.mkdir(parents=True, exist_ok=True)
+    return Artifact(variant.name, variant.method, fmt, folder, runtime, 0, {"bits_per_weight": None, "bits_per_weight_all": None},
+                    details, runnable=folder, skipped=verdicts)
 
 
 def _onnx_format(target: str) -> str:

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -27,10 +26,10 @@ import numpy as np
 from compress import memory
 from compress.data import load_documents, selection_windows, token_stream
 from compress.model import ModelInfo
-from compress.produce import Workspace
+from compress.produce import Workspace, unmade_artifact
 from compress.quantize.automix import BudgetTooSmall, Option, packed_bytes, smallest_plan
 from compress.quantize.sensitivity import candidate_predictions, float_reference, plan_kld
-from compress.quantize.streaming import calibrate_streaming, mixed_quantization_config
+from compress.quantize.streaming import calibrate_streaming, mixed_quantization_config, publish_folder
 from compress.release import write_json_atomic
 from compress.results import FAIL, Artifact
 from compress.tensors import TensorFolder
@@ -53,11 +52,9 @@ def auto_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, space:
         plan, steps = _corrected_plan(options, variant.budget.max_kld, info.path, candidates, selection, hidden_budget,
                                       space.work("activations"), recipe.evaluation.top_k)
     except BudgetTooSmall as error:
-        failed = {target: (FAIL, f"no plan of these candidates is predicted to meet the budget: {error}") for target in recipe.targets}
-        folder = space.staging("compressed-tensors")
-        folder.mkdir(parents=True)
-        return [Artifact(variant.name, variant.method, "compressed-tensors", folder, "transformers", 0,
-                         {"bits_per_weight": None, "bits_per_weight_all": None}, {"log": str(space.log)}, skipped=failed)]
+        why = f"no plan of these candidates is predicted to meet the budget: {error}"
+        return [unmade_artifact(variant, space, "compressed-tensors", "transformers", {"log": str(space.log)},
+                                {target: (FAIL, why) for target in recipe.targets})]
     folder = space.staging("compressed-tensors")
     _write_mixed(info.path, {layer: option.name for layer, option in plan.items()}, candidates, variant, folder)
     details = {
@@ -173,7 +170,6 @@ def _write_mixed(model_path: Path, plan: dict[str, str], candidates: dict[str, P
     """A compressed-tensors folder: each planned layer's tensors from its candidate's calibration, every other
     tensor (kept layers, norms, embedding, head) from the float checkpoint, config groups per setting."""
     from compress.export.shards import ShardWriter
-    from compress.quantize.streaming import _carry_files
 
     settings = variant.candidate_settings()
     partial = out.with_name(out.name + ".partial")
@@ -200,16 +196,7 @@ def _write_mixed(model_path: Path, plan: dict[str, str], candidates: dict[str, P
     finally:
         for tensors in folders.values():
             tensors.close()
-    out.mkdir(parents=True, exist_ok=True)
-    for shard in shards:
-        shutil.move(str(shard), out / shard.name)
-    if (partial / "model.safetensors.index.json").is_file():
-        shutil.move(str(partial / "model.safetensors.index.json"), out / "model.safetensors.index.json")
-    shutil.rmtree(partial, ignore_errors=True)
-    _carry_files(model_path, out)
-    config = json.loads((Path(model_path) / "config.json").read_text())
     schemes = {layer: settings[choice] for layer, choice in plan.items() if choice != "keep"}
     kept = [layer for layer, choice in plan.items() if choice == "keep"] + ["lm_head"] * ("lm_head" not in plan)
     actorder = "static" if variant.base == "gptq" else None
-    config["quantization_config"] = mixed_quantization_config(schemes, kept, variant.symmetric, actorder)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    publish_folder(shards, partial, out, model_path, mixed_quantization_config(schemes, kept, variant.symmetric, actorder))

@@ -22,7 +22,7 @@ from compress.export import gguf
 from compress.export.gptq_v1 import CARRIED_PATTERNS
 from compress.export.onnx_genai import phi3_linear_names
 from compress.model import ModelInfo
-from compress.produce import Workspace, calibrated_folder
+from compress.produce import Workspace, calibrated_folder, unmade_artifact
 from compress.quantize.plan import KEEP, resolve_plan
 from compress.results import FAIL, NOT_VERIFIED, Artifact
 from compress.verify.size import folder_bytes, gguf_bits
@@ -34,13 +34,17 @@ def float_gguf(info: ModelInfo, run_dir: Path, log: Path) -> Path:
     """The model as a float GGUF in its own dtype (F32 for float32 checkpoints), converted once per run."""
     from compress.pipeline import model_fingerprint
 
-    outtype = gguf.OUTTYPE.get(info.stored_dtype, "f16")
-    path = run_dir / "work" / "gguf" / f"{model_fingerprint(info)[:16]}-{outtype}.gguf"
+    path = run_dir / "work" / "gguf" / f"{model_fingerprint(info)[:16]}-{float_outtype(info)}.gguf"
     if not path.is_file():
         partial = path.with_suffix(".partial")
-        gguf.convert(info.path, partial, outtype, log)
+        gguf.convert(info.path, partial, float_outtype(info), log)
         os.replace(partial, path)
     return path
+
+
+def float_outtype(info: ModelInfo) -> str:
+    """The converter's --outtype for the checkpoint's own float type: f32, bf16 or f16."""
+    return gguf.OUTTYPE.get(info.stored_dtype, "f16")
 
 
 def tensor_types(plan: dict[str, int], config: dict, float_type: str) -> tuple[dict[str, str], str | None]:
@@ -75,16 +79,14 @@ def gguf_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, run_di
     try:
         return [_gguf_artifact(variant, recipe, info, samples, run_dir, space, stop_ids, budget_bytes, folder, details)]
     except gguf.GgufError as error:
-        failed = {target: (FAIL, str(error)) for target in recipe.targets}
-        return [Artifact(variant.name, variant.method, "gguf", folder, RUNTIME, 0,
-                         {"bits_per_weight": None, "bits_per_weight_all": None}, details, runnable=folder, skipped=failed)]
+        return [unmade_artifact(variant, space, "gguf", RUNTIME, details, {target: (FAIL, str(error)) for target in recipe.targets})]
 
 
 def _gguf_artifact(variant, recipe, info: ModelInfo, samples: np.ndarray, run_dir: Path, space: Workspace,
                    stop_ids: list[int], budget_bytes: int | None, folder: Path, details: dict) -> Artifact:
     threads = int(os.environ.get("COMPRESS_THREADS", os.cpu_count() or 1))
     source = float_gguf(info, run_dir, space.log)
-    float_type = {"f32": "F32", "bf16": "BF16", "f16": "F16"}[source.stem.rsplit("-", 1)[1]]
+    float_type = float_outtype(info).upper()
     out_file = folder / f"{variant.name}.gguf"
     described: dict = {"float_gguf": float_type}
     if variant.from_:

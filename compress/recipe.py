@@ -123,6 +123,20 @@ class Gates(Strict):
         return self.model_copy(update=override.model_dump(exclude_unset=True))
 
 
+# Options only some methods take: (fields) -> (those methods, who they are in the error sentence).
+METHOD_OPTIONS = {
+    ("accuracy_level", "algorithm"): (ONNX_METHODS, "ONNX methods"),
+    ("quant", "imatrix"): (("gguf",), "gguf variants"),
+    ("budget", "base", "candidates", "selection"): (("auto",), "auto variants"),
+}
+
+
+def _group_problem(value: int) -> str | None:
+    """Why `value` cannot be a group size (a power of two of at least 8, or -1), or None."""
+    return None if value == -1 or (value >= 8 and not value & (value - 1)) else \
+        "must be a power of two of at least 8, or -1 for one group per row"
+
+
 class Budget(Strict):
     max_kld: float = Field(gt=0)  # mean KL divergence per token from the original, nats, on held-out text
 
@@ -203,8 +217,8 @@ class Variant(Strict):
     @field_validator("group_size")
     @classmethod
     def power_of_two(cls, value: int) -> int:
-        if value != -1 and (value < 8 or value & (value - 1)):
-            raise ValueError("must be a power of two of at least 8, or -1 for one group per row")
+        if problem := _group_problem(value):
+            raise ValueError(problem)
         return value
 
     @field_validator("ignore")
@@ -249,22 +263,14 @@ class Variant(Strict):
                     "overrides: the ONNX builder can keep only lm_head at 8 bits; "
                     "use bits: 16 (or skip) to keep other layers unquantized"
                 )
-        else:
-            for field in ("accuracy_level", "algorithm"):
-                if field in self.model_fields_set:
-                    raise ValueError(f"{field}: only ONNX methods take this option, not {self.method}")
+        for fields, (methods, who) in METHOD_OPTIONS.items():
+            for field in fields:
+                if self.method not in methods and field in self.model_fields_set:
+                    raise ValueError(f"{field}: only {who} take this option, not {self.method}")
         if self.method == "gguf":
             self._check_gguf()
-        else:
-            for field in ("quant", "imatrix"):
-                if field in self.model_fields_set:
-                    raise ValueError(f"{field}: only gguf variants take this option, not {self.method}")
         if self.method == "auto":
             self._check_auto()
-        else:
-            for field in ("budget", "base", "candidates", "selection"):
-                if field in self.model_fields_set:
-                    raise ValueError(f"{field}: only auto variants take this option, not {self.method}")
         if self.from_ is not None and self.method not in ("onnx-int4", "gguf"):
             raise ValueError(f"from: only onnx-int4 and gguf can carry an earlier variant's weights, not {self.method}")
         if self.n_grid != 20 and not self.method.startswith("awq"):
@@ -295,8 +301,8 @@ class Variant(Strict):
             match = CANDIDATE.match(name)
             if not match:
                 raise ValueError(f"candidates[{index}]: {name!r} is not <bits>g<group> (bits 2, 3, 4 or 8; e.g. 4g128) or keep")
-            if name != "keep" and match["group"] != "-1" and (int(match["group"]) < 8 or int(match["group"]) & (int(match["group"]) - 1)):
-                raise ValueError(f"candidates[{index}]: group size {match['group']} must be a power of two of at least 8, or -1")
+            if name != "keep" and (problem := _group_problem(int(match["group"]))):
+                raise ValueError(f"candidates[{index}]: group size {match['group']} {problem}")
         if len(set(self.candidates) - {"keep"}) < 1 or len(set(self.candidates)) != len(self.candidates):
             raise ValueError("candidates: list each setting once, at least one besides keep")
 

@@ -12,6 +12,7 @@ variant, with its integer weights carried over exactly.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -25,8 +26,6 @@ from compress.verify.layers import stored_linear
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 OUTTYPE = {"F32": "f32", "BF16": "bf16", "F16": "f16"}  # the source checkpoint's dtype -> converter's
-# K- and IQ-quants use an importance matrix well; the legacy Q4_0..Q8_0 little (llama.cpp's own advice).
-IMATRIX_BY_DEFAULT = re.compile(r"^(Q\d_K.*|IQ.*)$")
 FALLBACK = re.compile(r"(\S+)\s+- ncols\s+(\d+) not divisible by (\d+) \(required for type\s+(\S+)\) -> falling back to\s+(\S+)")
 
 
@@ -47,8 +46,6 @@ def gguf_module():
 
 def _run(command: list[str], log: Path, what: str, env: dict | None = None) -> str:
     """Run a tool with its output appended to `log`; -> that output. A failure raises with its last line."""
-    import os
-
     completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
     output = completed.stdout + completed.stderr
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -68,14 +65,6 @@ def convert(model_folder: Path, out_file: Path, outtype: str, log: Path) -> Path
     return out_file
 
 
-def calibration_text(samples: np.ndarray, model_folder: Path) -> str:
-    """The calibration tokens as text, for llama-imatrix (which tokenizes text itself)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_folder, local_files_only=True)
-    return tokenizer.decode(samples.reshape(-1).tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
-
 def llama_tokens(gguf_file: Path, text_file: Path, log: Path) -> np.ndarray:
     """How llama.cpp tokenizes a text file (special tokens parsed, no escapes processed), without BOS."""
     output = _run([str(llama_cpp_tools.tool("llama-tokenize")), "-m", str(gguf_file), "-f", str(text_file), "--ids",
@@ -90,11 +79,12 @@ def imatrix(float_gguf: Path, samples: np.ndarray, model_folder: Path, out_file:
     against the calibration tokens themselves (decoding and encoding again can move a token boundary)."""
     from transformers import AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(model_folder, local_files_only=True)
+    text = tokenizer.decode(samples.reshape(-1).tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False)
     text_file = out_file.parent / (out_file.name.split(".")[0] + ".txt")
-    text = calibration_text(samples, model_folder)
     text_file.write_text(text, encoding="utf-8")
     theirs = llama_tokens(float_gguf, text_file, log)
-    encoded = AutoTokenizer.from_pretrained(model_folder, local_files_only=True)(text, add_special_tokens=False)["input_ids"]
+    encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
     _run([str(llama_cpp_tools.tool("llama-imatrix")), "-m", str(float_gguf), "-f", str(text_file), "--no-escape",
           "--parse-special", "-c", str(samples.shape[1]), "-b", str(samples.shape[1]), "-o", str(out_file), "--no-ppl",
           "-t", str(threads)], log, "llama-imatrix", llama_cpp_tools.environment(threads))

@@ -25,24 +25,13 @@ from compress.layerwise import HEAD_ROWS, LayerwiseModel
 LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
-def _head(model: LayerwiseModel) -> tuple[str, torch.Tensor]:
-    name = "lm_head.weight" if "lm_head.weight" in model.tensors else "model.embed_tokens.weight"
-    return name, model.tensors.tensor(name)
-
-
-def _normed(model: LayerwiseModel, hidden: torch.Tensor) -> torch.Tensor:
-    weight = model.tensors.tensor("model.norm.weight", torch.float32)
-    variance = hidden.pow(2).mean(-1, keepdim=True)
-    return weight * (hidden * torch.rsqrt(variance + float(model.config.rms_norm_eps)))
-
-
 def _head_step(model: LayerwiseModel, hidden: torch.Tensor, labels: np.ndarray | None, generator: torch.Generator,
                head_fisher: torch.Tensor | None) -> tuple[torch.Tensor, np.ndarray]:
     """One window [seq_len, hidden]: sample labels where none are given, add the head's g² to `head_fisher`
     (where one is kept), and return d(-log p(labels))/d(hidden) with the labels."""
-    _, head = _head(model)
+    head = model.head_weight()
     hidden = hidden.detach().requires_grad_(True)
-    normed = _normed(model, hidden)
+    normed = model.final_norm(hidden)
     rows = range(0, head.shape[0], HEAD_ROWS)
     with torch.no_grad():
         logits = torch.cat([normed @ head[row:row + HEAD_ROWS].float().T for row in rows], dim=-1)
@@ -79,7 +68,7 @@ def layer_fisher(folder: Path, windows: np.ndarray, each_linear: Callable[[str, 
         for index in range(model.layers):
             stores.append(allocate(count, seq_len, model.hidden_size, budget_bytes, spill_dir, f"fisher-in-{index + 1}"))
             model.forward(model.layer(index), stores[index], stores[index + 1])
-        _, table = _head(model)
+        table = model.head_weight()
         head_fisher = torch.zeros(table.shape, dtype=torch.float32) if head else None
         grads = allocate(count, seq_len, model.hidden_size, budget_bytes, spill_dir, "fisher-grad-head")
         chosen = np.zeros((count, seq_len), dtype=np.int64)
@@ -91,6 +80,7 @@ def layer_fisher(folder: Path, windows: np.ndarray, each_linear: Callable[[str, 
         if head:
             each_linear("lm_head", table.float(), head_fisher / count)
         del table, head_fisher
+        model.release_head()  # the decoder layers' backward pass needs its memory
         positions = torch.arange(seq_len).unsqueeze(0)
         for index in reversed(range(model.layers)):
             layer = model.layer(index)

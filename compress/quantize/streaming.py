@@ -155,15 +155,8 @@ def calibrate_streaming(model_path: Path, variant, samples: np.ndarray | None, o
                 if len(model.tensors.shape_and_dtype(name)[0]) > 1:  # a table: a shard of its own
                     writer.flush()
         shards = writer.close()
-    for shard in shards:  # the folder appears whole: shards first, then config.json last
-        shutil.move(str(shard), out / shard.name)
-    if (out / ".partial-shards" / "model.safetensors.index.json").is_file():
-        shutil.move(str(out / ".partial-shards" / "model.safetensors.index.json"), out / "model.safetensors.index.json")
-    shutil.rmtree(out / ".partial-shards", ignore_errors=True)
-    _carry_files(model_path, out)
-    config = json.loads((Path(model_path) / "config.json").read_text())
-    config["quantization_config"] = quantization_config(plan, variant.group_size, variant.symmetric, actorder)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    publish_folder(shards, out / ".partial-shards", out, model_path,
+                   quantization_config(plan, variant.group_size, variant.symmetric, actorder))
     details["seconds"] = round(time.perf_counter() - started, 2)
     if awq:
         scales, applied, clipped = found
@@ -210,6 +203,22 @@ def _quantize_linear(module: torch.nn.Linear, args, hessian: torch.Tensor | None
     module.weight.data = quantized
     codes = rounding.integer_codes(quantized, scale, zero, args)
     return rounding.packed_tensors(codes, scale, zero, args, stored)
+
+
+def publish_folder(shards: list[Path], partial: Path, out: Path, model_path: Path, quantization: dict) -> None:
+    """Make `out` a whole compressed-tensors folder: the shards (and their index) moved in from `partial`, the
+    source's tokenizer and generation files, and config.json with `quantization` written last, so a folder with
+    a config.json is complete."""
+    out.mkdir(parents=True, exist_ok=True)
+    for shard in shards:
+        shutil.move(str(shard), out / shard.name)
+    if (partial / "model.safetensors.index.json").is_file():
+        shutil.move(str(partial / "model.safetensors.index.json"), out / "model.safetensors.index.json")
+    shutil.rmtree(partial, ignore_errors=True)
+    _carry_files(model_path, out)
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    config["quantization_config"] = quantization
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _carry_files(source: Path, out: Path) -> None:
