@@ -201,6 +201,7 @@ def test_gguf_variants_are_verified_in_llama_cpp_and_released_with_a_modelfile(g
         assert {"ppl", "kld", "kld_se", "top1", "decode_tps", "prefill_tps"} <= cpu["metrics"].keys()
         folder = out / "release" / name / "gguf"
         assert {"tokenizer.json", "Modelfile", "manifest.json"} <= {p.name for p in folder.iterdir()}
+        assert not list(folder.glob("*.txt"))  # llama-quantize's tensor-type list stays with the logs
         modelfile = (folder / "Modelfile").read_text()
         assert modelfile.startswith(f"FROM ./{name}.gguf\n") and '<|user|>{{ .Content }}<|end|>' in modelfile
         assert 'PARAMETER stop "<|end|>"' in modelfile

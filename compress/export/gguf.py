@@ -104,7 +104,7 @@ def quantize(float_gguf: Path, out_file: Path, quant: str, tensor_types: dict[st
     if embedding_type:
         command += ["--token-embedding-type", embedding_type.lower()]
     if tensor_types:
-        listing = out_file.with_suffix(".tensor-types.txt")
+        listing = log.with_name(out_file.stem + ".tensor-types.txt")  # beside the log: not part of the artifact
         listing.write_text("".join(f"^{re.escape(name)}$={kind.lower()}\n" for name, kind in tensor_types.items()))
         command += ["--tensor-type-file", str(listing)]
     output = _run([*command, str(float_gguf), str(out_file), quant, str(threads)], log, "llama-quantize",
