@@ -119,6 +119,10 @@ class LayerwiseModel:
             self._head = self.tensors.tensor(name)
         return self._head
 
+    def replace_head(self, weight: torch.Tensor) -> None:
+        """Compute the logits with `weight` [vocab, hidden] instead of the stored head (a quantized head's values)."""
+        self._head = weight
+
     def release_head(self) -> None:
         """Let the kept head go (when what follows needs its memory)."""
         self._head = None
@@ -157,12 +161,15 @@ def run_all_layers(model: LayerwiseModel, windows: np.ndarray, budget_bytes: int
 def window_logprobs(folder: Path, windows: np.ndarray, budget_bytes: int | None = None,
                     spill_dir: Path | None = None,
                     each_layer: Callable[[int, torch.nn.Module, Activations], torch.nn.Module] | None = None,
-                    ) -> Iterator[Iterator[np.ndarray]]:
+                    head: Callable[[], torch.Tensor] | None = None) -> Iterator[Iterator[np.ndarray]]:
     """Next-token log-probs of each window, as a plain forward of the whole model gives them, computed one
     decoder layer at a time: blocks of BLOCK_ROWS rows [rows, vocab] float32, in order. `each_layer` as in
-    run_all_layers (to run the model with some layers changed)."""
+    run_all_layers and `head` (made once the decoder layers are done) in place of the stored head, to run the
+    model with some layers changed."""
     with LayerwiseModel(folder) as model:
         hidden = run_all_layers(model, windows, budget_bytes, spill_dir, each_layer)
+        if head is not None:
+            model.replace_head(head())
         for index in range(len(windows)):
             yield _head_blocks(model, hidden.read(index, index + 1)[0, :-1])
         hidden.delete()

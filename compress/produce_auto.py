@@ -188,9 +188,10 @@ def _write_mixed(model_path: Path, plan: dict[str, str], candidates: dict[str, P
                     if choice == "keep":
                         writer.add(name, original.tensor(name))
                         continue
-                    for part in QUANTIZED_PARTS:
-                        if f"{module}.{part}" in folders[choice]:
-                            writer.add(f"{module}.{part}", folders[choice].tensor(f"{module}.{part}"))
+                    _copy_quantized(folders[choice], module, writer)
+                writer.flush()
+            if plan.get("lm_head", "keep") != "keep" and "lm_head.weight" not in original:  # tied: the head on its own
+                _copy_quantized(folders[plan["lm_head"]], "lm_head", writer)
                 writer.flush()
         shards = writer.close()
     finally:
@@ -199,4 +200,11 @@ def _write_mixed(model_path: Path, plan: dict[str, str], candidates: dict[str, P
     schemes = {layer: settings[choice] for layer, choice in plan.items() if choice != "keep"}
     kept = [layer for layer, choice in plan.items() if choice == "keep"] + ["lm_head"] * ("lm_head" not in plan)
     actorder = "static" if variant.base == "gptq" else None
-    publish_folder(shards, partial, out, model_path, mixed_quantization_config(schemes, kept, variant.symmetric, actorder))
+    publish_folder(shards, partial, out, model_path, mixed_quantization_config(schemes, kept, variant.symmetric, actorder),
+                   untie="lm_head" in schemes)
+
+
+def _copy_quantized(tensors: TensorFolder, module: str, writer) -> None:
+    for part in QUANTIZED_PARTS:
+        if f"{module}.{part}" in tensors:
+            writer.add(f"{module}.{part}", tensors.tensor(f"{module}.{part}"))

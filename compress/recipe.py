@@ -200,6 +200,13 @@ class Variant(Strict):
             return False
         return self.imatrix if self.imatrix is not None else bool(re.match(r"^(Q\d_K|IQ)", self.quant))
 
+    @property
+    def quantizes_head(self) -> bool:
+        """Whether this calibrated variant's plan quantizes lm_head (every variant ignores it unless told)."""
+        from compress.quantize.plan import KEEP, resolve_plan
+
+        return self.calibrated and resolve_plan(["lm_head"], self.bits, list(self.ignore), self.layer_overrides())["lm_head"] != KEEP
+
     def layer_overrides(self) -> list[Override]:
         """The variant's own overrides, then its preset's: first match wins."""
         return list(self.overrides) + [Override(**rule) for rule in PRESETS.get(self.preset or "", [])]
@@ -249,6 +256,9 @@ class Variant(Strict):
                 raise ValueError(f"formats[{index}]: method {self.method} cannot write {fmt!r}; it writes {', '.join(allowed)}")
         if {"gptq", "awq"} & set(self.formats) and any(rule.bits == 8 for rule in self.layer_overrides()):
             raise ValueError("formats: gptq and awq folders hold one bit width; 8-bit layer overrides need compressed-tensors")
+        if {"gptq", "awq"} & set(self.formats) and self.quantizes_head:
+            raise ValueError("formats: gptq and awq folders keep lm_head in floating point; ignore it (ignore: [lm_head]) "
+                             "or write compressed-tensors only")
         if "awq" in self.formats and self.bits != 4:
             raise ValueError(f"formats: the awq format holds 4-bit weights only, not {self.bits}-bit")
         if self.is_onnx:
@@ -293,6 +303,8 @@ class Variant(Strict):
         for field in ("bits", "group_size", "overrides", "preset"):
             if field in self.model_fields_set:
                 raise ValueError(f"{field}: an auto variant chooses each layer's setting from its candidates; it takes no {field}")
+        if "ignore" not in self.model_fields_set:  # the head is a candidate like every linear layer
+            object.__setattr__(self, "ignore", [])
         if self.base not in AUTO_BASES:
             why = " (each setting's AWQ scales are folded into the norms, so layers of different settings do not mix)" \
                 if self.base.startswith("awq") else ""
@@ -375,6 +387,9 @@ class Recipe(Strict):
                 where = ("variants", index, "from")
                 if source is None:
                     raise LocatedError(where, f"no earlier variant is named {variant.from_!r}")
+                if source.quantizes_head:
+                    raise LocatedError(where, f"{variant.from_!r} quantizes lm_head, and only a float head is carried into "
+                                              f"{'GGUF' if variant.method == 'gguf' else 'ONNX'}; give it ignore: [lm_head]")
                 if variant.method == "gguf":
                     if reason := _gguf_source_problem(source):
                         raise LocatedError(where, f"{variant.from_!r} cannot go into GGUF blocks exactly: {reason}")
@@ -385,9 +400,6 @@ class Recipe(Strict):
                                               "only 4-bit gptq, awq or rtn weights can go into an ONNX int4 graph")
                 if any(rule.bits == 8 for rule in source.layer_overrides()):
                     raise LocatedError(where, "8-bit layer overrides cannot be carried into an ONNX int4 graph")
-                # The head alone may become int8 here: the calibrated variant leaves it float, the builder rounds it.
-                if any(rule.bits == 8 for rule in variant.layer_overrides()) and not any(_only_lm_head(p) for p in source.ignore):
-                    raise LocatedError(where, f"an int8 lm_head needs {variant.from_!r} to leave lm_head float (ignore: [lm_head])")
             earlier[variant.name] = variant
         return self
 

@@ -32,6 +32,7 @@ def build_report(out: Path, recipe, info, baseline, outcomes, context) -> dict:
             "size_bytes": artifact.size_bytes,
             "bits_per_weight": artifact.bits["bits_per_weight"],
             "bits_per_weight_all": artifact.bits["bits_per_weight_all"],
+            "quantized_layer_bits": artifact.bits.get("quantized_layer_bits"),
             "quantize_seconds": artifact.details.get("seconds"),
             "layer_bits": artifact.details.get("layer_bits"),
             "layer_plan": artifact.details.get("layer_plan"),
@@ -103,6 +104,7 @@ COLUMNS = [
     ("target", lambda r, m: r["target"], True),
     ("MiB", lambda r, m: _fmt(r["size_bytes"] / 2**20, ".2f"), True),
     ("bits/w", lambda r, m: _fmt(r["bits_per_weight"], ".2f"), True),
+    ("layer bits", lambda r, m: _fmt(r.get("quantized_layer_bits"), ".2f"), False),  # METRICS.md: quantized-layer bits
     ("ppl", lambda r, m: _fmt(m.get("ppl"), ".3f"), True),
     ("KLD ± se", lambda r, m: _kld(m), True),
     ("top-1", lambda r, m: _fmt(m.get("top1"), ".3f"), True),

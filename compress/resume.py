@@ -49,7 +49,7 @@ def released_outcomes(recipe: Recipe, variant: Variant, out: Path, stamp: str) -
         manifest = release_is_current(folder, stamp)
         if manifest is None:
             return None
-        bits = {key: manifest.get(key) for key in ("bits_per_weight", "bits_per_weight_all")}
+        bits = {key: manifest.get(key) for key in ("bits_per_weight", "bits_per_weight_all", "quantized_layer_bits")}
         details = {**manifest.get("quantization", {}), "resumed": "kept from an earlier run with the same inputs"}
         artifact = Artifact(variant.name, manifest["method"], fmt, folder, manifest["runtime"], manifest["size_bytes"],
                             bits, details)

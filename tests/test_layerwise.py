@@ -110,8 +110,9 @@ def samples():
     return windows(count=8, length=128, seed=1)
 
 
-@pytest.mark.parametrize("scheme", [{}, {"symmetric": False}, {"group_size": -1}, {"preset": "phi4-safe"}],
-                         ids=["sym-g128", "asym-g128", "channel", "phi4-safe"])
+@pytest.mark.parametrize("scheme", [{}, {"symmetric": False}, {"group_size": -1}, {"preset": "phi4-safe"},
+                                    {"preset": "phi4-safe", "ignore": []}, {"symmetric": False, "ignore": []}],
+                         ids=["sym-g128", "asym-g128", "channel", "phi4-safe", "head-8bit", "asym-head-4bit"])
 def test_streaming_rtn_equals_llm_compressor_rtn_bit_for_bit(scheme, samples, tmp_path):
     streamed = tmp_path / "streamed"
     whole = tmp_path / "whole"
@@ -149,6 +150,42 @@ def test_streaming_gptq_first_layer_equals_llm_compressor_and_loads_in_transform
     with torch.inference_mode():
         agree = (model(ids).logits.argmax(-1) == reference(ids).logits.argmax(-1)).float().mean()
     assert agree > 0.8
+
+
+def test_streaming_gptq_quantizes_the_tied_head_as_gptq_on_the_whole_matrix(samples, tmp_path, monkeypatch):
+    """The head (the tied embedding table, untied) by GPTQ in blocks of rows equals GPTQ on the whole matrix with
+    the Hessian of lm_head's inputs hooked in transformers running the calibrated folder itself (the quantized
+    decoder layers feed the head, as llm-compressor's sequential pipeline has them)."""
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+    from llmcompressor.modifiers.gptq.helpers import accumulate_hessian
+
+    from compress.quantize import rounding, streaming
+
+    monkeypatch.setattr(streaming, "HEAD_ROWS", 1000)  # blocks of rows that do not divide the vocabulary
+    variant = _variant("gptq", ignore=[], overrides=[{"match": "lm_head", "bits": 8}])
+    calibrate_streaming(TINY, variant, samples, tmp_path / "streamed", tmp_path / "work")
+    config = json.loads((tmp_path / "streamed" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and "lm_head" not in config["quantization_config"]["ignore"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed", dtype=torch.float32).eval()
+    sums = [torch.zeros(model.config.hidden_size, model.config.hidden_size), torch.zeros(())]
+
+    def record(module, inputs, _output):
+        sums[0], sums[1] = accumulate_hessian(inputs[0], module, *sums)
+
+    model.lm_head.register_forward_hook(record)
+    with torch.inference_mode():
+        for window in samples:
+            model(torch.as_tensor(window[None]))
+    table = _read(TINY)["model.embed_tokens.weight"].float()
+    args = rounding.weight_args(8, 128, True, "static")
+    scale, zero = rounding.minmax_qparams(table, args, torch.float32)
+    quantized, _, _ = quantize_weight(table[None].clone(), (sums[0] / sums[1])[None], scale[None], zero[None], None, args,
+                                      blocksize=128, percdamp=variant.dampening)
+    expected = rounding.packed_tensors(rounding.integer_codes(quantized[0], scale, zero, args), scale, zero, args, torch.float32)
+    ours = _read(tmp_path / "streamed")
+    assert "lm_head.weight" not in ours and ours["model.embed_tokens.weight"].shape == table.shape
+    for part in ("weight_packed", "weight_scale", "weight_shape"):
+        assert torch.equal(ours[f"lm_head.{part}"], expected[part]), part
 
 
 def _o_proj_codes(samples, causal: bool) -> torch.Tensor:

@@ -112,7 +112,11 @@ METHOD_MISTAKES = [
     ("from on gptq", "  - {name: a, method: gptq, from: x}", "variants[0]: from: only onnx-int4 and gguf can carry an earlier variant's weights, not gptq"),
     ("from int8 head, head calibrated", "  - {name: b, method: gptq, ignore: []}\n"
      "  - {name: a, method: onnx-int4, from: b, ignore: [], overrides: [{match: lm_head, bits: 8}]}",
-     "variants[1].from: an int8 lm_head needs 'b' to leave lm_head float (ignore: [lm_head])"),
+     "variants[1].from: 'b' quantizes lm_head, and only a float head is carried into ONNX; give it ignore: [lm_head]"),
+    ("gguf from a quantized head", "  - {name: b, method: rtn, ignore: []}\n  - {name: a, method: gguf, from: b}",
+     "variants[1].from: 'b' quantizes lm_head, and only a float head is carried into GGUF; give it ignore: [lm_head]"),
+    ("gptq folder quantized head", "  - {name: a, method: gptq, ignore: [], formats: [compressed-tensors, gptq]}",
+     "formats: gptq and awq folders keep lm_head in floating point"),
     ("awq 8-bit", "  - {name: a, method: rtn, bits: 8, formats: [awq]}", "the awq format holds 4-bit weights only"),
     ("onnx int8 layer", "  - {name: a, method: onnx-int4, overrides: [{match: down_proj, bits: 8}]}",
      "the ONNX builder can keep only lm_head at 8 bits"),

@@ -20,6 +20,24 @@ def test_group_32_int4_with_fp16_scales_is_4_5_bits_and_whole_model_counts_every
     assert figures["quantized_weights"] == out_features * in_features
 
 
+def test_quantized_layer_bits_count_float_linears_and_a_tied_head_at_their_stored_width():
+    hidden, vocab = 64, 256
+    layer = {"model.layers.0.mlp.down_proj.weight_packed": np.zeros((hidden, hidden // 8), dtype=np.int32),
+             "model.layers.0.mlp.down_proj.weight_scale": np.zeros((hidden, 1), dtype=np.float16),
+             "model.layers.0.mlp.down_proj.weight_shape": np.array([hidden, hidden]),
+             "model.layers.0.self_attn.o_proj.weight": np.zeros((hidden, hidden), dtype=np.float16),
+             "model.layers.0.input_layernorm.weight": np.zeros(hidden, dtype=np.float16),
+             "model.norm.weight": np.zeros(hidden, dtype=np.float16),
+             "model.embed_tokens.weight": np.zeros((vocab, hidden), dtype=np.float16)}
+    down = hidden * hidden // 2 + hidden * 2  # 4-bit codes, one fp16 scale per row
+    tied = bits_per_weight(layer)  # no lm_head tensor: the tied head is the embedding table, 16 bits
+    assert tied["quantized_layer_bits"] == 8 * (down + hidden * hidden * 2 + vocab * hidden * 2) / (2 * hidden * hidden + vocab * hidden)
+    head = {"lm_head.weight_packed": np.zeros((vocab, hidden // 4), dtype=np.int32),  # 8-bit head, untied
+            "lm_head.weight_scale": np.zeros((vocab, 1), dtype=np.float16), "lm_head.weight_shape": np.array([vocab, hidden])}
+    untied = bits_per_weight({**layer, **head})  # the float embedding is no layer a plan changes here
+    assert untied["quantized_layer_bits"] == 8 * (down + hidden * hidden * 2 + vocab * (hidden + 2)) / (2 * hidden * hidden + vocab * hidden)
+
+
 def test_unquantized_checkpoint_has_no_quantized_bits_and_32_bits_overall():
     figures = bits_per_weight({"w": np.zeros((4, 4), dtype=np.float32)})
     assert np.isnan(figures["bits_per_weight"])

@@ -54,7 +54,7 @@ def float_reference(model_folder: Path, windows: np.ndarray, budget_bytes: int |
 def plan_kld(model_folder: Path, plan: dict[str, Path], windows: np.ndarray, budget_bytes: int | None = None,
              spill_dir: Path | None = None, reference: Reference | None = None) -> tuple[float, float]:
     """(KLD, its standard error over windows) of the float model with each layer in `plan` replaced by that
-    candidate folder's dequantized weights, against the float model's top-k `reference` (float_reference, where
+    candidate folder's dequantized weights (the head too, "lm_head"), against the float model's top-k `reference` (float_reference, where
     already computed), on `windows`: the verdict's own figure, window by window, so no window's full log-probs
     outlive it."""
     reference = reference if reference is not None else float_reference(model_folder, windows, budget_bytes, spill_dir)
@@ -68,8 +68,11 @@ def plan_kld(model_folder: Path, plan: dict[str, Path], windows: np.ndarray, bud
                 weight.data = torch.from_numpy(dequantize(stored_linear(folders[path], name))).to(weight.dtype)
         return layer
 
+    def head() -> torch.Tensor:
+        return torch.from_numpy(dequantize(stored_linear(folders[plan["lm_head"]], "lm_head")))
+
     try:
-        blocks = window_logprobs(model_folder, windows, budget_bytes, spill_dir, each_layer)
+        blocks = window_logprobs(model_folder, windows, budget_bytes, spill_dir, each_layer, head if "lm_head" in plan else None)
         parts = [window_figures(reference.window(index), window, windows[index, 1:]) for index, window in enumerate(blocks)]
     finally:
         for tensors in folders.values():

@@ -27,7 +27,7 @@ from compress import interrupts
 from compress.activations import allocate
 from compress.export.compressed_tensors import CARRIED_FILES
 from compress.export.shards import ShardWriter
-from compress.layerwise import LayerwiseModel
+from compress.layerwise import HEAD_ROWS, LayerwiseModel
 from compress.memory import activation_budget
 from compress.quantize import rounding
 from compress.quantize.plan import KEEP, plan_summary, resolve_plan
@@ -92,9 +92,7 @@ def calibrate_streaming(model_path: Path, variant, samples: np.ndarray | None, o
         plan = resolve_plan(linear_names(model.layers), variant.bits, list(variant.ignore), variant.layer_overrides())
         if all(bits == KEEP for bits in plan.values()):
             raise ValueError(f"variant {variant.name}: every linear layer is ignored or skipped; nothing to quantize")
-        if plan["lm_head"] != KEEP:
-            raise ValueError(f"variant {variant.name}: quantizing lm_head layer by layer is not supported yet; "
-                             "keep it in floating point (ignore: [lm_head]) or use an onnx-int4 variant with an 8-bit head")
+        head = plan["lm_head"] != KEEP
         stored = model.tensors.torch_dtype("model.embed_tokens.weight")
         actorder = "static" if gptq else None
         details: dict = {"layer_plan": plan, "layer_bits": plan_summary(plan), "streamed": True, "layers_seconds": []}
@@ -138,7 +136,7 @@ def calibrate_streaming(model_path: Path, variant, samples: np.ndarray | None, o
                 full = f"model.layers.{index}.{name}"
                 if full.rsplit(".", 1)[0] not in modules or plan[full.rsplit(".", 1)[0]] == KEEP:
                     writer.add(full, tensor.to(stored))
-            if inputs is not None and index + 1 < model.layers:
+            if inputs is not None and (index + 1 < model.layers or (head and gptq)):
                 outputs = allocate(len(windows), windows.shape[1], model.hidden_size, budget_bytes, work,
                                    f"calibration-{'ab'[(index + 1) % 2]}")
                 model.forward(block, inputs, outputs, CALIBRATION_BATCH)
@@ -147,16 +145,25 @@ def calibrate_streaming(model_path: Path, variant, samples: np.ndarray | None, o
             del block
             writer.flush()
             details["layers_seconds"].append(round(time.perf_counter() - layer_started, 2))
+        if head:
+            interrupts.check()
+            hessian = _head_hessian(model, inputs) if gptq else None
+            args = rounding.weight_args(plan["lm_head"], variant.group_size, variant.symmetric, actorder)
+            for part, tensor in _quantize_head(model, args, hessian, variant, stored).items():
+                writer.add(f"lm_head.{part}", tensor)
+            writer.flush()
         if inputs is not None:
             inputs.delete()
         for name in model.tensors.keys():
+            if name == "lm_head.weight" and head:
+                continue
             if not name.startswith("model.layers."):  # embedding, final norm, head: one at a time, as stored
                 writer.add(name, model.tensors.tensor(name))
                 if len(model.tensors.shape_and_dtype(name)[0]) > 1:  # a table: a shard of its own
                     writer.flush()
         shards = writer.close()
     publish_folder(shards, out / ".partial-shards", out, model_path,
-                   quantization_config(plan, variant.group_size, variant.symmetric, actorder))
+                   quantization_config(plan, variant.group_size, variant.symmetric, actorder), untie=head)
     details["seconds"] = round(time.perf_counter() - started, 2)
     if awq:
         scales, applied, clipped = found
@@ -192,23 +199,59 @@ def _quantize_linear(module: torch.nn.Linear, args, hessian: torch.Tensor | None
     with) -> its pack-quantized tensors."""
     weight = module.weight.data.float()
     scale, zero = rounding.minmax_qparams(weight, args, stored)
-    if hessian is None:
-        quantized = rounding.fake_quantize(weight, scale, zero, args)
-    else:
-        from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
-
-        quantized, _loss, _fallback = quantize_weight(weight[None].clone(), hessian[None], scale[None], zero[None], None,
-                                                      args, blocksize=GPTQ_BLOCK, percdamp=variant.dampening)
-        quantized = quantized[0]
-    module.weight.data = quantized
-    codes = rounding.integer_codes(quantized, scale, zero, args)
+    module.weight.data = _rounded(weight, scale, zero, args, hessian, variant.dampening)
+    codes = rounding.integer_codes(module.weight.data, scale, zero, args)
     return rounding.packed_tensors(codes, scale, zero, args, stored)
 
 
-def publish_folder(shards: list[Path], partial: Path, out: Path, model_path: Path, quantization: dict) -> None:
+def _rounded(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args, hessian: torch.Tensor | None,
+             dampening: float) -> torch.Tensor:
+    """`weight` on its grid: rounded to nearest, or by GPTQ with `hessian` (which GPTQ changes in place)."""
+    if hessian is None:
+        return rounding.fake_quantize(weight, scale, zero, args)
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+
+    quantized, _loss, _fallback = quantize_weight(weight[None].clone(), hessian[None], scale[None], zero[None],
+                                                  None, args, blocksize=GPTQ_BLOCK, percdamp=dampening)
+    return quantized[0]
+
+
+def _head_hessian(model: LayerwiseModel, hidden) -> torch.Tensor:
+    """GPTQ's normalized Hessian of the head's inputs — the final norm of the last layer's outputs `hidden` —
+    accumulated one window at a time, as llm-compressor's hook on lm_head does."""
+    from llmcompressor.modifiers.gptq.helpers import accumulate_hessian
+
+    shape = torch.nn.Linear(model.hidden_size, 1, bias=False, device="meta")  # accumulate_hessian reads the kind
+    hessian, count = torch.zeros(model.hidden_size, model.hidden_size), torch.zeros(())
+    with torch.inference_mode():
+        for window in range(hidden.shape[0]):
+            hessian, count = accumulate_hessian(model.final_norm(hidden.read(window, window + 1)), shape, hessian, count)
+    return hessian.div_(count)
+
+
+def _quantize_head(model: LayerwiseModel, args, hessian: torch.Tensor | None, variant, stored: torch.dtype) -> dict:
+    """The head's pack-quantized tensors (the embedding table's, untied, where the two are tied), HEAD_ROWS rows
+    at a time in float32: each output row's groups, scales and GPTQ updates are its own, so rows in blocks give
+    what the whole matrix gives."""
+    head = model.head_weight()
+    codes, scales, zeros = [], [], []
+    for row in range(0, head.shape[0], HEAD_ROWS):
+        weight = head[row:row + HEAD_ROWS].float()
+        scale, zero = rounding.minmax_qparams(weight, args, stored)
+        block_hessian = None if hessian is None else hessian.clone()  # GPTQ dampens and factors its copy
+        codes.append(rounding.integer_codes(_rounded(weight, scale, zero, args, block_hessian, variant.dampening), scale,
+                                            zero, args))
+        scales.append(scale)
+        zeros.append(zero)
+    model.release_head()
+    return rounding.packed_tensors(torch.cat(codes), torch.cat(scales), torch.cat(zeros), args, stored)
+
+
+def publish_folder(shards: list[Path], partial: Path, out: Path, model_path: Path, quantization: dict,
+                   untie: bool = False) -> None:
     """Make `out` a whole compressed-tensors folder: the shards (and their index) moved in from `partial`, the
     source's tokenizer and generation files, and config.json with `quantization` written last, so a folder with
-    a config.json is complete."""
+    a config.json is complete. `untie`: the head is quantized, so a tied embedding stays float on its own."""
     out.mkdir(parents=True, exist_ok=True)
     for shard in shards:
         shutil.move(str(shard), out / shard.name)
@@ -218,6 +261,8 @@ def publish_folder(shards: list[Path], partial: Path, out: Path, model_path: Pat
     _carry_files(model_path, out)
     config = json.loads((Path(model_path) / "config.json").read_text())
     config["quantization_config"] = quantization
+    if untie and config.get("tie_word_embeddings"):
+        config["tie_word_embeddings"] = False
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 

@@ -22,14 +22,17 @@ def bits_per_weight(tensors: dict[str, np.ndarray | tuple[int, int]], packed_bit
 
     Quantized layers are those with a `weight_packed` tensor (weight count from `weight_shape`) or a
     `qweight` tensor (weight count = its int32 count × 32 / packed_bits).
-    -> {"bits_per_weight": quantized layers only, "bits_per_weight_all": whole model}.
+    -> {"bits_per_weight": quantized layers only, "bits_per_weight_all": whole model, "quantized_layer_bits":
+    every layer a plan may change — the linear layers and the head, float ones at their stored width; a tied
+    head that is not quantized counted as the embedding table it is (METRICS.md, mixed precision)}.
     """
 
     def numel_bytes(value) -> tuple[int, int]:
         return (int(value.size), int(value.nbytes)) if isinstance(value, np.ndarray) else value
 
     layers = {name.rsplit(".", 1)[0] for name in tensors if name.endswith((".weight_packed", ".qweight"))}
-    quantized_weights = quantized_bytes = other_params = other_bytes = 0
+    quantized_weights = quantized_bytes = other_params = other_bytes = float_linear_params = float_linear_bytes = 0
+    head_stored = any(name.startswith("lm_head.") for name in tensors)
     for name, value in tensors.items():
         prefix, _, part = name.rpartition(".")
         count, size = numel_bytes(value)
@@ -45,12 +48,25 @@ def bits_per_weight(tensors: dict[str, np.ndarray | tuple[int, int]], packed_bit
         else:
             other_params += count
             other_bytes += size
+            if _float_linear(name, head_stored):
+                float_linear_params += count
+                float_linear_bytes += size
     total_params = quantized_weights + other_params
+    layer_weights = quantized_weights + float_linear_params
     return {
         "bits_per_weight": 8 * quantized_bytes / quantized_weights if quantized_weights else float("nan"),
         "bits_per_weight_all": 8 * (quantized_bytes + other_bytes) / total_params if total_params else float("nan"),
         "quantized_weights": float(quantized_weights),
+        "quantized_layer_bits": 8 * (quantized_bytes + float_linear_bytes) / layer_weights if layer_weights else float("nan"),
     }
+
+
+def _float_linear(name: str, head_stored: bool) -> bool:
+    """Whether a float tensor is a linear layer's weight (norms and the embedding are not; a tied head is the
+    embedding table, where no lm_head tensor is stored)."""
+    if name.endswith("embed_tokens.weight"):
+        return not head_stored
+    return name.endswith(".weight") and "norm" not in name.rsplit(".", 2)[-2] and (name.startswith(("model.layers.", "lm_head.")))
 
 
 def checkpoint_bits(folder: Path) -> dict[str, float]:
@@ -166,7 +182,9 @@ def gguf_bits(path: Path) -> dict[str, float]:
     quantized = [(int(t.n_elements), int(t.n_bytes)) for t in reader.tensors if t.tensor_type.name not in FLOAT_TYPES]
     weights, size = sum(n for n, _ in quantized), sum(b for _, b in quantized)
     total_weights, total_bytes = sum(int(t.n_elements) for t in reader.tensors), sum(int(t.n_bytes) for t in reader.tensors)
+    matrices = [(int(t.n_elements), int(t.n_bytes)) for t in reader.tensors if len(t.shape) == 2 or t.tensor_type.name not in FLOAT_TYPES]
     return {
+        "quantized_layer_bits": 8 * sum(b for _, b in matrices) / sum(n for n, _ in matrices) if matrices else float("nan"),
         "bits_per_weight": 8 * size / weights if weights else float("nan"),
         "bits_per_weight_all": 8 * total_bytes / total_weights if total_weights else float("nan"),
         "quantized_weights": float(weights),
