@@ -14,11 +14,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +30,13 @@ from compress import memory
 from compress.data import load_documents, selection_windows, token_stream
 from compress.model import ModelInfo
 from compress.produce import Workspace, unmade_artifact
-from compress.quantize.automix import BudgetTooSmall, Option, packed_bytes, smallest_plan
+from compress.quantize.automix import BudgetTooSmall, Option, least_kld_plan, packed_bytes, smallest_plan
 from compress.quantize.sensitivity import candidate_predictions, float_reference, plan_kld
 from compress.quantize.streaming import calibrate_streaming, mixed_quantization_config, publish_folder
 from compress.release import write_json_atomic
 from compress.results import FAIL, Artifact
 from compress.tensors import TensorFolder
+from compress.verify.accuracy import Reference
 from compress.verify.size import checkpoint_bits, folder_bytes
 
 MAX_EVALUATIONS = 8  # plans measured on the selection slice, the corrective steps included (issue 14: at most 12)
@@ -45,14 +49,18 @@ def auto_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, space:
     hidden_budget = None if budget_bytes is None else memory.activation_budget(budget_bytes)
     candidates = _calibrated_candidates(variant, info, samples, space, stamp, budget_bytes)
     selection = _selection(recipe, variant, info)
-    predictions = candidate_predictions(info.path, candidates, selection, seed=recipe.calibration.seed,
-                                        budget_bytes=hidden_budget, spill_dir=space.work("activations"))
-    options = _options(variant, info, candidates, predictions)
+    predictions = _predictions(info, candidates, selection, recipe.calibration.seed, hidden_budget, space, stamp)
+    options, weights = _options(variant, info, candidates, predictions)
+    reference = _reference(info.path, selection, hidden_budget, space, stamp, recipe.evaluation.top_k)
+
+    def measure(plan: dict[str, Option]) -> tuple[float, float]:
+        return plan_kld(info.path, {layer: candidates[o.name] for layer, o in plan.items() if o.name != "keep"}, selection,
+                        hidden_budget, space.work("activations"), reference)
+
     try:
-        plan, steps = _corrected_plan(options, variant.budget.max_kld, info.path, candidates, selection, hidden_budget,
-                                      space.work("activations"), recipe.evaluation.top_k)
+        plan, steps = _chosen_plan(variant.budget, options, weights, measure)
     except BudgetTooSmall as error:
-        why = f"no plan of these candidates is predicted to meet the budget: {error}"
+        why = f"no plan of these candidates meets the budget: {error}"
         return [unmade_artifact(variant, space, "compressed-tensors", "transformers", {"log": str(space.log)},
                                 {target: (FAIL, why) for target in recipe.targets})]
     folder = space.staging("compressed-tensors")
@@ -64,26 +72,56 @@ def auto_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, space:
                     "selection_windows": int(len(selection)), "selection_tokens": int(selection.size),
                     "predicted": {layer: {name: round(kld, 8) for name, kld in found.items()} for layer, found in predictions.items()},
                     "contributions": {layer: round(option.kld, 8) for layer, option in plan.items()},
-                    "steps": steps, "met_on_selection": any(step["measured"] <= variant.budget.max_kld for step in steps),
+                    "steps": steps, "bits_per_weight": round(_bits(plan, weights), 4),
+                    "met_on_selection": variant.budget.max_kld is None or any(step["measured"] <= variant.budget.max_kld for step in steps),
                     "seconds": round(time.perf_counter() - started, 1)},
         "log": str(space.log),
     }
+    space.work("automix.json").parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(space.work("automix.json"), details["automix"])
     return [Artifact(variant.name, variant.method, "compressed-tensors", folder, "transformers", folder_bytes(folder),
                      checkpoint_bits(folder), details, runnable=folder)]
 
 
-def _corrected_plan(options: dict[str, list[Option]], target: float, model_path: Path, candidates: dict[str, Path],
-                    selection: np.ndarray, hidden_budget: int | None, spill_dir: Path,
-                    top_k: int) -> tuple[dict[str, Option], list[dict]]:
+def _chosen_plan(budget, options: dict[str, list[Option]], weights: int,
+                 measure: Callable[[dict[str, Option]], tuple[float, float]]) -> tuple[dict[str, Option], list[dict]]:
+    """The plan for `budget`: the fewest bytes meeting max_kld (corrected by measurement), or the least predicted
+    KLD within max_bits_per_weight (measured once, for the record); with both, the first, refused where it does
+    not fit the second. -> (plan, every measured step, the chosen one marked)."""
+    if budget.max_kld is not None:
+        plan, steps = _corrected_plan(options, budget.max_kld, measure)
+    else:
+        plan = least_kld_plan(options, int(budget.max_bits_per_weight * weights / 8))
+        steps = [_step(plan, 1.0, measure)]
+        steps[0]["chosen"] = True
+        del steps[0]["_plan"]
+    if budget.max_bits_per_weight is not None and _bits(plan, weights) > budget.max_bits_per_weight:
+        raise BudgetTooSmall(f"the smallest plan meeting max_kld {budget.max_kld:g} takes {_bits(plan, weights):.3f} "
+                             f"bits per weight, above max_bits_per_weight {budget.max_bits_per_weight:g}")
+    return plan, steps
+
+
+def _bits(plan: dict[str, Option], weights: int) -> float:
+    """The plan's quantized-layer bits (METRICS.md)."""
+    return 8 * sum(option.bytes for option in plan.values()) / weights
+
+
+def _step(plan: dict[str, Option], scale: float, measure) -> dict:
+    measured, se = measure(plan)
+    return {"predicted": sum(option.kld for option in plan.values()), "scale": scale, "measured": measured,
+            "measured_se": se, "bytes": sum(option.bytes for option in plan.values()),
+            "plan": dict(Counter(option.name for option in plan.values())), "_plan": plan}
+
+
+def _corrected_plan(options: dict[str, list[Option]], target: float,
+                    measure: Callable[[dict[str, Option]], tuple[float, float]]) -> tuple[dict[str, Option], list[dict]]:
     """The knapsack's plan for predictions scaled by s (first s = 1), measured on the selection slice; then s is
     searched: the last plan's measured ÷ predicted while every plan met or every plan missed the target (the
-    Fisher's diagonal over-predicts GPTQ's error, which GPTQ shapes to cancel, several-fold), the geometric mean
-    of the smallest s that met and the largest that missed once both are known. Until a plan repeats or
-    MAX_EVALUATIONS are spent. KLD is measured as the verdict measures it (the float model's top-k reference).
-    -> (the smallest plan measured within the target, else the last; every step)."""
-    reference = float_reference(model_path, selection, hidden_budget, spill_dir, top_k)
-    scale, steps, seen, plan = 1.0, [], set(), {}
+    estimate reads the whole vocabulary's KLD, the verdict's top-k figure reads less; layers' errors interact),
+    the geometric mean of the smallest s that met and the largest that missed once both are known. Until a plan
+    repeats or MAX_EVALUATIONS are spent. `measure` gives the KLD as the verdict measures it (the float model's
+    top-k reference). -> (the smallest plan measured within the target, else the last; every step)."""
+    scale, steps, seen = 1.0, [], set()
     met, missed = [], []  # scales whose plans met / missed the target
     for _ in range(MAX_EVALUATIONS):
         try:
@@ -98,17 +136,13 @@ def _corrected_plan(options: dict[str, list[Option]], target: float, model_path:
         if names in seen:
             break
         seen.add(names)
-        predicted = sum(option.kld for option in plan.values())
-        measured, se = plan_kld(model_path, {layer: candidates[o.name] for layer, o in plan.items() if o.name != "keep"},
-                                selection, hidden_budget, spill_dir, reference)
-        steps.append({"predicted": predicted, "scale": scale, "measured": measured, "measured_se": se,
-                      "bytes": sum(option.bytes for option in plan.values()),
-                      "plan": dict(Counter(option.name for option in plan.values())), "_plan": plan})
-        (met if measured <= target else missed).append(scale)
+        step = _step(plan, scale, measure)
+        steps.append(step)
+        (met if step["measured"] <= target else missed).append(scale)
         if met and missed:
             scale = math.sqrt(min(met) * max(missed))
-        elif predicted > 0:
-            scale = measured / predicted
+        elif step["predicted"] > 0:
+            scale = step["measured"] / step["predicted"]
     within = [step for step in steps if step["measured"] <= target]
     chosen_step = min(within, key=lambda step: step["bytes"]) if within else steps[-1]
     chosen_step["chosen"] = True
@@ -118,17 +152,35 @@ def _corrected_plan(options: dict[str, list[Option]], target: float, model_path:
     return plan, steps
 
 
+def _reference(model_path: Path, selection: np.ndarray, hidden_budget: int | None, space: Workspace, stamp: str,
+               top_k: int) -> Reference:
+    """float_reference on the selection slice, kept in the run's work folder for every auto variant that chooses
+    on the same windows of the same model."""
+    key = hashlib.sha256(json.dumps(top_k).encode() + selection.tobytes()).hexdigest()[:16]
+    saved = candidates_folder(space.run_dir, stamp) / f"reference-{key}.npz"
+    if saved.is_file():
+        with np.load(saved) as arrays:
+            return Reference(**arrays)
+    reference = float_reference(model_path, selection, hidden_budget, space.work("activations"), top_k)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(saved.with_suffix(".partial.npz"), **reference.as_arrays())
+    os.replace(saved.with_suffix(".partial.npz"), saved)
+    return reference
+
+
 def _calibrated_candidates(variant, info: ModelInfo, samples: np.ndarray, space: Workspace, stamp: str,
                            budget_bytes: int | None) -> dict[str, Path]:
     """{candidate: its calibrated folder}: the whole model at that setting with the base quantizer (layers the
-    variant ignores kept). A folder calibrated before from the same inputs (`stamp`) is reused."""
+    variant ignores kept). A folder calibrated before from the same inputs (`stamp`: the same base, model, data
+    and versions, whatever the budget) is reused, by this variant or another."""
     found = {}
+    shared = candidates_folder(space.run_dir, stamp)
     for name, setting in variant.candidate_settings().items():
         if setting is None:
             continue
-        folder, record = space.work(f"candidates/{name}"), space.work(f"candidates/{name}.stamp")
+        folder, record = shared / name, shared / f"{name}.stamp"
         if not (folder / "config.json").is_file() or not record.is_file() or record.read_text() != stamp:
-            partial = space.work(f"candidates/{name}.partial")
+            partial = shared / f"{name}.partial"
             shutil.rmtree(partial, ignore_errors=True)
             single = variant.model_copy(update={"method": variant.base, "bits": setting[0], "group_size": setting[1]})
             calibrate_streaming(info.path, single, samples, partial, space.work("activations"), budget_bytes)
@@ -138,6 +190,25 @@ def _calibrated_candidates(variant, info: ModelInfo, samples: np.ndarray, space:
             memory.give_back_freed_memory()
         found[name] = folder
     return found
+
+
+def _predictions(info: ModelInfo, candidates: dict[str, Path], selection: np.ndarray, seed: int,
+                 hidden_budget: int | None, space: Workspace, stamp: str) -> dict[str, dict[str, float]]:
+    """candidate_predictions, kept beside the candidates for auto variants of the same candidates and selection."""
+    key = hashlib.sha256(json.dumps([sorted(candidates), seed]).encode() + selection.tobytes()).hexdigest()[:16]
+    saved = candidates_folder(space.run_dir, stamp) / f"predictions-{key}.json"
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    predictions = candidate_predictions(info.path, candidates, selection, seed=seed, budget_bytes=hidden_budget,
+                                        spill_dir=space.work("activations"))
+    write_json_atomic(saved, predictions)
+    return predictions
+
+
+def candidates_folder(run_dir: Path, stamp: str) -> Path:
+    """Where auto variants of the same base and inputs keep their calibrated candidates."""
+    return run_dir / "work" / "auto-candidates" / stamp[:16]
 
 
 def _selection(recipe, variant, info: ModelInfo) -> np.ndarray:
@@ -150,8 +221,10 @@ def _selection(recipe, variant, info: ModelInfo) -> np.ndarray:
     return selection_windows(stream, calibration.seq_len, variant.selection, calibration.samples, calibration.seed)
 
 
-def _options(variant, info: ModelInfo, candidates: dict[str, Path], predictions: dict[str, dict[str, float]]) -> dict[str, list[Option]]:
-    """Each layer's choices: every candidate with its bytes and predicted KLD, and keep (its stored bytes)."""
+def _options(variant, info: ModelInfo, candidates: dict[str, Path],
+             predictions: dict[str, dict[str, float]]) -> tuple[dict[str, list[Option]], int]:
+    """Each layer's choices: every candidate with its bytes and predicted KLD, and keep (its stored bytes);
+    with the weights of all these layers."""
     settings = variant.candidate_settings()
     stored = {"F32": 4}.get(info.stored_dtype, 2)
     with TensorFolder(next(iter(candidates.values()))) as tensors:
@@ -163,7 +236,7 @@ def _options(variant, info: ModelInfo, candidates: dict[str, Path], predictions:
                           for name, kld in found.items()]
         if "keep" in settings:
             options[layer].append(Option("keep", out_features * in_features * stored, 0.0))
-    return options
+    return options, sum(out_features * in_features for out_features, in_features in shapes.values())
 
 
 def _write_mixed(model_path: Path, plan: dict[str, str], candidates: dict[str, Path], variant, out: Path) -> None:

@@ -42,12 +42,13 @@ GGUF_TYPES = (
     "IQ3_XS", "IQ3_S", "IQ3_M", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "F16", "BF16", "F32",
 )
 AUTO_BASES = ("gptq", "rtn")  # awq: each setting's own AWQ scales are folded into the norms, so its layers do not mix
-AUTO_CANDIDATES = ("3g64", "4g64", "4g128", "8g128", "keep")  # compressed-tensors' default menu
-CANDIDATE = re.compile(r"^(?:(?P<bits>[2348])g(?P<group>-1|\d+)|keep)$")
+# compressed-tensors' default menu (issue 14's measurements: 3g128, 5g64 and 6g128 beside the rest saved another 5-9%)
+AUTO_CANDIDATES = ("3g64", "3g128", "4g64", "4g128", "5g64", "6g128", "8g128", "keep")
+CANDIDATE = re.compile(r"^(?:(?P<bits>[234568])g(?P<group>-1|\d+)|keep)$")
 # The IQ1/IQ2 types are unusable without an importance matrix: llama-quantize refuses them.
 GGUF_NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S")
 TARGETS = ("cpu", "cuda")
-BITS = (2, 3, 4, 8)
+BITS = (2, 3, 4, 5, 6, 8)  # pack-quantized holds any width; transformers runs them all, vLLM's kernels 4 and 8
 ONNX_ALGORITHMS = ("default", "rtn", "k_quant")
 # Kept at higher precision: lm_head and embeddings at 8 bits and mlp.down_proj at 8 bits, the fixes reported
 # for degenerate int4 Phi-4-mini output (see DEPENDENCIES.md).
@@ -138,7 +139,14 @@ def _group_problem(value: int) -> str | None:
 
 
 class Budget(Strict):
-    max_kld: float = Field(gt=0)  # mean KL divergence per token from the original, nats, on held-out text
+    max_kld: float | None = Field(None, gt=0)  # mean KL divergence per token from the original, nats, on held-out text
+    max_bits_per_weight: float | None = Field(None, gt=0)  # quantized-layer bits (METRICS.md) the plan may use at most
+
+    @model_validator(mode="after")
+    def one_at_least(self) -> Budget:
+        if self.max_kld is None and self.max_bits_per_weight is None:
+            raise ValueError("name max_kld (the KLD the plan must meet), max_bits_per_weight (the size it must fit) or both")
+        return self
 
 
 class Override(Strict):
@@ -259,6 +267,8 @@ class Variant(Strict):
         if {"gptq", "awq"} & set(self.formats) and self.quantizes_head:
             raise ValueError("formats: gptq and awq folders keep lm_head in floating point; ignore it (ignore: [lm_head]) "
                              "or write compressed-tensors only")
+        if "gptq" in self.formats and self.bits not in (2, 4, 8):
+            raise ValueError(f"formats: the gptq format holds 2-, 4- or 8-bit weights, not {self.bits}-bit")
         if "awq" in self.formats and self.bits != 4:
             raise ValueError(f"formats: the awq format holds 4-bit weights only, not {self.bits}-bit")
         if self.is_onnx:
@@ -299,7 +309,8 @@ class Variant(Strict):
 
     def _check_auto(self) -> None:
         if self.budget is None:
-            raise ValueError("budget: an auto variant needs budget: {max_kld: X}, the KLD its plan must meet")
+            raise ValueError("budget: an auto variant needs budget: {max_kld: X} (the KLD its plan must meet) "
+                             "and/or {max_bits_per_weight: B} (the size it must fit)")
         for field in ("bits", "group_size", "overrides", "preset"):
             if field in self.model_fields_set:
                 raise ValueError(f"{field}: an auto variant chooses each layer's setting from its candidates; it takes no {field}")
@@ -312,7 +323,7 @@ class Variant(Strict):
         for index, name in enumerate(self.candidates):
             match = CANDIDATE.match(name)
             if not match:
-                raise ValueError(f"candidates[{index}]: {name!r} is not <bits>g<group> (bits 2, 3, 4 or 8; e.g. 4g128) or keep")
+                raise ValueError(f"candidates[{index}]: {name!r} is not <bits>g<group> (bits 2, 3, 4, 5, 6 or 8; e.g. 4g128) or keep")
             if name != "keep" and (problem := _group_problem(int(match["group"]))):
                 raise ValueError(f"candidates[{index}]: group size {match['group']} {problem}")
         if len(set(self.candidates) - {"keep"}) < 1 or len(set(self.candidates)) != len(self.candidates):

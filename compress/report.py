@@ -275,8 +275,14 @@ def automix_line(automix: dict) -> str:
     """How an auto variant's plan was chosen, in one sentence."""
     last = next(step for step in automix["steps"] if step.get("chosen"))
     plan = ", ".join(f"{count} at {name}" for name, count in sorted(last["plan"].items()))
-    return (f"plan for max KLD {automix['budget']['max_kld']:g} ({automix['base']} candidates {', '.join(automix['candidates'])}): "
-            f"{plan}; predicted {last['predicted']:.4g}, measured {last['measured']:.4g} ± {last['measured_se']:.2g} on "
+    budget = automix["budget"]
+    limits = []
+    if budget.get("max_kld") is not None:
+        limits.append(f"max KLD {budget['max_kld']:g}")
+    if budget.get("max_bits_per_weight") is not None:
+        limits.append(f"at most {budget['max_bits_per_weight']:g} quantized-layer bits per weight")
+    return (f"plan for {' and '.join(limits)} ({automix['base']} candidates {', '.join(automix['candidates'])}): "
+            f"{plan}" + (f" ({automix['bits_per_weight']:.3g} quantized-layer bits)" if "bits_per_weight" in automix else "") + f"; predicted {last['predicted']:.4g}, measured {last['measured']:.4g} ± {last['measured_se']:.2g} on "
             f"{automix['selection_windows']} selection windows disjoint from calibration and evaluation (the chosen of "
             f"{len(automix['steps'])} plan(s) measured; predictions scaled by measured ÷ predicted between them)" + ("" if automix["met_on_selection"] else " — NOT met on the selection slice"))
 

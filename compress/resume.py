@@ -21,9 +21,14 @@ def _digest(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# What an auto variant's candidate calibrations do not depend on: auto variants alike but for these share them.
+AUTO_CHOICES = {"name", "budget", "selection", "candidates"}
+
+
 def calibration_stamp(variant: Variant, context: dict) -> str:
     """Everything a variant's calibration depends on: if it is unchanged, the saved calibration is reused."""
-    settings = variant.model_dump(mode="json", by_alias=True, exclude={"gates", "formats"})
+    settings = variant.model_dump(mode="json", by_alias=True,
+                                  exclude={"gates", "formats"} | (AUTO_CHOICES if variant.method == "auto" else set()))
     return _digest({"variant": settings, "model": context["model"]["fingerprint"], "data": context["data"],
                     "sensitivity": context["recipe"]["evaluation"]["sensitivity_samples"], "versions": context["versions"]})
 
@@ -31,6 +36,7 @@ def calibration_stamp(variant: Variant, context: dict) -> str:
 def variant_stamp(recipe: Recipe, variant: Variant, context: dict, earlier: dict[str, str]) -> str:
     """Everything a variant's released artifacts depend on, its `from:` source's stamp included."""
     return _digest({"calibration": calibration_stamp(variant, context), "formats": variant.formats,
+                    "variant": variant.model_dump(mode="json", by_alias=True, exclude={"gates"}),
                     "evaluation": context["recipe"]["evaluation"], "targets": context["recipe"]["targets"],
                     "gates": recipe.gates_for(variant).model_dump(), "source": earlier.get(variant.from_ or "")})
 

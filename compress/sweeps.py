@@ -11,8 +11,9 @@ SWEEP_NAME_PARTS = {
     "group_size": lambda value: f"g{value}",
     "symmetric": lambda value: "sym" if value else "asym",
     "max_kld": lambda value: f"kld{value:g}",  # auto variants: one per budget, a Pareto front in one run
+    "max_bits_per_weight": lambda value: f"bpw{value:g}",
 }
-NESTED = {"max_kld": "budget"}  # matrix keys that set a field inside one of the variant's blocks
+NESTED = {"max_kld": "budget", "max_bits_per_weight": "budget"}  # matrix keys that set a field inside one of the variant's blocks
 
 
 def expand_matrix(variant: dict) -> list[dict]:

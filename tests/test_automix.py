@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from compress.quantize.automix import BudgetTooSmall, Option, gguf_bytes, packed_bytes, smallest_plan
+from compress.quantize.automix import BudgetTooSmall, Option, gguf_bytes, least_kld_plan, packed_bytes, smallest_plan
 
 
 def test_byte_counts_by_hand():
@@ -45,6 +45,29 @@ def test_knapsack_is_feasible_and_as_small_as_brute_force_within_its_rounding(se
     # never worse than the best plan within the budget less the rounding slack, never better than the true best
     assert found <= _brute_force(options, budget * (1 - len(options) / resolution))
     assert found >= _brute_force(options, budget)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_least_kld_within_a_size_is_as_good_as_brute_force_within_its_rounding(seed):
+    import itertools
+
+    rng = np.random.default_rng(seed)
+    options = {f"layer{layer}": [Option(name, int(size * bits / 16), float(kld * 4 ** (4 - bits)))
+                                 for name, bits in (("3", 3), ("4", 4), ("8", 8))]
+               for layer, (size, kld) in enumerate(zip(rng.integers(1000, 5000, 5), rng.uniform(0.001, 0.01, 5), strict=True))}
+    max_bytes = int(sum(o[1].bytes for o in options.values()) * rng.uniform(0.8, 1.6))
+    resolution = 1000
+
+    def least(limit):
+        return min(sum(o.kld for o in combination) for combination in itertools.product(*options.values())
+                   if sum(o.bytes for o in combination) <= limit)
+
+    plan = least_kld_plan(options, max_bytes, resolution)
+    assert sum(o.bytes for o in plan.values()) <= max_bytes
+    found = sum(o.kld for o in plan.values())
+    assert least(max_bytes) - 1e-12 <= found <= least(max_bytes * (1 - len(options) / resolution)) + 1e-12
+    with pytest.raises(BudgetTooSmall, match="the smallest plan takes"):
+        least_kld_plan(options, sum(o[0].bytes for o in options.values()) - 1)
 
 
 def test_a_budget_no_plan_meets_is_refused_with_the_smallest_there_is():
@@ -119,8 +142,9 @@ AUTO_BASE = "name: r\nmodel: builtin:tiny-phi4-mini\nvariants:\n  - %s\n"
 
 @pytest.mark.parametrize("variant,message", [
     ("{name: a, method: auto}", "needs budget: {max_kld: X}"),
+    ("{name: a, method: auto, budget: {}}", "name max_kld (the KLD the plan must meet), max_bits_per_weight"),
     ("{name: a, method: auto, budget: {max_kld: 0.1}, base: awq}", "AWQ scales are folded into the norms"),
-    ("{name: a, method: auto, budget: {max_kld: 0.1}, candidates: [5g64]}", "is not <bits>g<group>"),
+    ("{name: a, method: auto, budget: {max_kld: 0.1}, candidates: [7g64]}", "is not <bits>g<group>"),
     ("{name: a, method: auto, budget: {max_kld: 0.1}, candidates: [4g48]}", "power of two"),
     ("{name: a, method: auto, budget: {max_kld: 0.1}, candidates: [keep]}", "at least one besides keep"),
     ("{name: a, method: auto, budget: {max_kld: 0.1}, group_size: 64}", "takes no group_size"),
@@ -144,6 +168,7 @@ gates: {max_kld: 0.05, min_top1: 0.8}
 variants:
   - {name: uniform, method: rtn, bits: 4, group_size: 128}
   - {name: auto, method: auto, base: rtn, budget: {max_kld: 0.015}}
+  - {name: auto-small, method: auto, base: rtn, budget: {max_bits_per_weight: 4.5}}
 """
 
 
@@ -152,6 +177,8 @@ def test_auto_variant_meets_its_budget_on_held_out_text_and_loads_as_a_mixed_fol
     import json
 
     from conftest import entry, run_recipe
+
+    from compress.recipe import AUTO_CANDIDATES
 
     out, report = run_recipe(tmp_path_factory, "auto", AUTO_RECIPE)
     auto = entry(report, "auto", "compressed-tensors")
@@ -163,7 +190,12 @@ def test_auto_variant_meets_its_budget_on_held_out_text_and_loads_as_a_mixed_fol
     assert automix["met_on_selection"] and last["measured"] <= 0.015 and len(automix["steps"]) <= 8
     first = automix["steps"][0]  # RTN: the Fisher predicts the full KLD; measured is the verdict's top-64 figure, lower
     assert 0.6 < first["measured"] / first["predicted"] < 1.1
-    assert len(set(auto["layer_plan"].values())) > 1 and set(auto["layer_plan"].values()) <= {"3g64", "4g64", "4g128", "8g128", "keep"}
+    assert len(set(auto["layer_plan"].values())) > 1 and set(auto["layer_plan"].values()) <= set(AUTO_CANDIDATES)
+    assert "lm_head" in auto["layer_plan"] and "lm_head" in automix["predicted"]  # the head is a candidate too
+    small = entry(report, "auto-small", "compressed-tensors")  # the same candidates, calibrated once for both
+    assert small["released"] and small["quantized_layer_bits"] <= 4.5  # read from its files
+    assert small["quantized_layer_bits"] == pytest.approx(small["automix"]["bits_per_weight"], abs=1e-3)  # as planned
+    assert len(list((out / "work" / "auto-candidates").glob("*/*.stamp"))) == len(AUTO_CANDIDATES) - 1
     assert sum(automix["contributions"].values()) == pytest.approx(last["predicted"], rel=1e-3)
     config = json.loads((out / "release" / "auto" / "compressed-tensors" / "config.json").read_text())["quantization_config"]
     settings = {name for name in auto["layer_plan"].values() if name != "keep"}

@@ -20,7 +20,7 @@ variants:
 
 MISTAKES = [
     # (description, replace this, with this, expected message)
-    ("bits out of range", "bits: 4", "bits: 5", "recipe.yaml:8: variants[0].bits: must be one of 2, 3, 4, 8"),
+    ("bits out of range", "bits: 4", "bits: 7", "recipe.yaml:8: variants[0].bits: must be one of 2, 3, 4, 5, 6, 8"),
     ("unknown key", "bits: 4", "bits: 4\n    colour: red", "recipe.yaml:9: variants[0].colour: unknown key"),
     ("wrong type", "bits: 4", "bits: four", "recipe.yaml:8: variants[0].bits: input should be a valid integer"),
     ("malformed YAML", "max_kld: 0.05", "max_kld: [0.05", "recipe.yaml:5: not valid YAML"),
@@ -47,12 +47,12 @@ def test_each_mistake_has_its_own_message(description, old, new, expected, write
 
 
 def test_cli_gives_one_sentence_and_exit_2_without_loading_a_model(write_recipe):
-    path = write_recipe(GOOD.replace("bits: 4", "bits: 5"))
+    path = write_recipe(GOOD.replace("bits: 4", "bits: 7"))
     for command in ("validate", "run"):
         result = run_cli(command, str(path))
         assert result.returncode == 2, result.stderr
         output = (result.stdout + result.stderr).strip()
-        assert output == f"error: {path}:8: variants[0].bits: must be one of 2, 3, 4, 8"
+        assert output == f"error: {path}:8: variants[0].bits: must be one of 2, 3, 4, 5, 6, 8"
         assert "Traceback" not in output
 
 
@@ -155,7 +155,7 @@ def test_matrix_expands_with_predictable_names_and_each_is_validated():
     names = [v.name for v in recipe.variants]
     assert names[:4] == ["sweep-rtn-w3-g32", "sweep-rtn-w3-g128", "sweep-rtn-w4-g32", "sweep-rtn-w4-g128"]
     assert len(names) == 9 and recipe.variants[7].method == "gptq" and recipe.variants[7].bits == 4
-    with pytest.raises(ValueError, match="variants\\[0\\].bits: must be one of 2, 3, 4, 8"):
-        parse_recipe("name: s\nmodel: m\nvariants:\n  - {name: x, method: rtn, matrix: {bits: [5]}}\n")
+    with pytest.raises(ValueError, match="variants\\[0\\].bits: must be one of 2, 3, 4, 5, 6, 8"):
+        parse_recipe("name: s\nmodel: m\nvariants:\n  - {name: x, method: rtn, matrix: {bits: [7]}}\n")
     with pytest.raises(ValueError, match="variants\\[0\\].matrix: must map option names to non-empty lists"):
         parse_recipe("name: s\nmodel: m\nvariants:\n  - {name: x, method: rtn, matrix: {bits: 4}}\n")

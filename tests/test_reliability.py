@@ -82,7 +82,7 @@ CASES = [
     ("malformed yaml", lambda t: "name: r\nvariants: [\n", "not valid YAML"),
     ("unknown key", lambda t: recipe_text() + "colour: red\n", "colour: unknown key"),
     ("wrong type", lambda t: recipe_text().replace("windows: 2", "windows: many"), "evaluation.windows: input should be a valid integer"),
-    ("bits out of range", lambda t: recipe_text().replace("method: rtn", "method: rtn, bits: 5"), "bits: must be one of 2, 3, 4, 8"),
+    ("bits out of range", lambda t: recipe_text().replace("method: rtn", "method: rtn, bits: 7"), "bits: must be one of 2, 3, 4, 5, 6, 8"),
     ("group size not a power of two", lambda t: recipe_text(group=48), "group_size: must be a power of two"),
     ("group size does not divide", lambda t: recipe_text(group=256), "group_size: 256 does not divide the model's hidden_size 128"),
     ("duplicate names", lambda t: recipe_text() + "  - {name: a, method: gptq}\n", "variant name 'a' is used twice"),

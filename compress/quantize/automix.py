@@ -4,7 +4,8 @@ smallest plan whose predicted KLD stays within a budget.
 A plan picks one option per layer (a width and group, or keep); predicted KLD adds up over layers (measured
 for this project: random plans' measured / predicted KLD had a median of 0.98-1.01). Choosing the plan is a
 multiple-choice knapsack, solved exactly by dynamic programming over the budget cut into `resolution` steps,
-each option's KLD rounded *up* to a step, so a plan found never predicts more than the budget.
+each option's cost rounded *up* to a step, so a plan found never exceeds the budget: the fewest bytes within
+a KLD budget (smallest_plan), or the least KLD within a size budget (least_kld_plan).
 """
 
 from __future__ import annotations
@@ -62,24 +63,48 @@ def smallest_plan(options: dict[str, list[Option]], budget: float, resolution: i
     least = sum(min(option.kld for option in choices) for choices in options.values())
     if least > budget:
         raise BudgetTooSmall(f"the smallest predicted KLD of any plan is {least:.3g}, above the budget {budget:.3g}")
+    plan = _knapsack(options, lambda option: option.kld, lambda option: option.bytes, budget, resolution)
+    if plan is None:
+        raise BudgetTooSmall(f"no plan fits the budget {budget:.3g} once each layer's KLD is rounded up to "
+                             f"{budget / resolution:.3g}; raise the budget or the resolution")
+    return plan
+
+
+def least_kld_plan(options: dict[str, list[Option]], max_bytes: int, resolution: int = 4096) -> dict[str, Option]:
+    """One option per layer: the least predicted KLD whose bytes add up to at most `max_bytes` (each option's
+    bytes rounded up to max_bytes / resolution)."""
+    least = sum(min(option.bytes for option in choices) for choices in options.values())
+    if least > max_bytes:
+        raise BudgetTooSmall(f"the smallest plan takes {least} bytes, above the budget of {max_bytes}")
+    plan = _knapsack(options, lambda option: option.bytes, lambda option: option.kld, max_bytes, resolution)
+    if plan is None:
+        raise BudgetTooSmall(f"no plan fits {max_bytes} bytes once each layer's bytes are rounded up to "
+                             f"{max_bytes / resolution:.0f}")
+    return plan
+
+
+def _knapsack(options: dict[str, list[Option]], cost, value, budget: float, resolution: int) -> dict[str, Option] | None:
+    """The plan of least total `value` whose `cost`, each rounded up to budget / resolution, adds up to at most
+    `budget` (None where none does): dynamic programming over the budget's steps, layer by layer."""
     step = budget / resolution
-    infinite = np.iinfo(np.int64).max // 4
-    best = np.zeros(resolution + 1, dtype=np.int64)  # fewest bytes so far using at most k steps of KLD
+
+    def steps(option: Option) -> int:
+        return math.ceil(cost(option) / step - 1e-9) if cost(option) > 0 else 0
+
+    best = np.zeros(resolution + 1)  # least value so far using at most k steps of the budget
     picks = []
     for choices in options.values():
-        candidates = np.full((len(choices), resolution + 1), infinite, dtype=np.int64)
+        candidates = np.full((len(choices), resolution + 1), np.inf)
         for index, option in enumerate(choices):
-            steps = math.ceil(option.kld / step - 1e-9) if option.kld > 0 else 0
-            if steps <= resolution:
-                candidates[index, steps:] = best[: resolution + 1 - steps] + option.bytes
+            if (used := steps(option)) <= resolution:
+                candidates[index, used:] = best[: resolution + 1 - used] + value(option)
         picks.append(candidates.argmin(axis=0))
         best = candidates.min(axis=0)
-    if best[resolution] >= infinite:
-        raise BudgetTooSmall(f"no plan fits the budget {budget:.3g} once each layer's KLD is rounded up to "
-                             f"{step:.3g}; raise the budget or the resolution")
+    if not np.isfinite(best[resolution]):
+        return None
     plan, room = {}, resolution
     for (layer, choices), pick in zip(reversed(list(options.items())), reversed(picks), strict=True):
         option = choices[int(pick[room])]
         plan[layer] = option
-        room -= math.ceil(option.kld / step - 1e-9) if option.kld > 0 else 0
+        room -= steps(option)
     return dict(reversed(list(plan.items())))

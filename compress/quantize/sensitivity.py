@@ -8,14 +8,15 @@ layer at a time (compress.layerwise, compress.quantize.fisher), within the hidde
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from compress.export.repack import dequantize
-from compress.layerwise import window_logprobs
-from compress.quantize.fisher import layer_fisher, predicted_kld
+from compress.layerwise import HEAD_ROWS, window_logprobs
+from compress.quantize.fisher import quadratic_klds
 from compress.tensors import TensorFolder
 from compress.verify.accuracy import Reference, stack_windows, summarise, window_figures, window_reference
 from compress.verify.layers import stored_linear
@@ -23,24 +24,35 @@ from compress.verify.layers import stored_linear
 
 def candidate_predictions(model_folder: Path, candidates: dict[str, Path], windows: np.ndarray, seed: int = 0,
                           budget_bytes: int | None = None, spill_dir: Path | None = None) -> dict[str, dict[str, float]]:
-    """{layer: {candidate: predicted KLD per token}} for every layer a candidate quantizes: ½ Σ F·(W − Ŵ)² with
-    the Fisher of the float model on `windows` and Ŵ the candidate's own dequantized weights."""
+    """{layer: {candidate: predicted KLD per token}} for every layer a candidate quantizes (the head too): the
+    Fisher's quadratic form token by token (compress.quantize.fisher) for the change from the float weights to
+    the candidate's own dequantized ones."""
     folders = {name: TensorFolder(path) for name, path in candidates.items()}
-    predictions: dict[str, dict[str, float]] = {}
 
-    def each_linear(layer: str, weight: torch.Tensor, fisher: torch.Tensor) -> None:
-        for name, tensors in folders.items():
-            if f"{layer}.weight_packed" in tensors:
-                quantized = torch.from_numpy(dequantize(stored_linear(tensors, layer)))
-                predictions.setdefault(layer, {})[name] = predicted_kld(fisher, weight, quantized, windows.shape[1])
+    def deltas(layer: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: weight_change(tensors, layer, weight) for name, tensors in folders.items()
+                if f"{layer}.weight_packed" in tensors}
 
     head = any("lm_head.weight_packed" in tensors for tensors in folders.values())
     try:
-        layer_fisher(model_folder, windows, each_linear, seed=seed, budget_bytes=budget_bytes, spill_dir=spill_dir, head=head)
+        predictions, _labels = quadratic_klds(model_folder, windows, deltas, seed=seed, budget_bytes=budget_bytes,
+                                              spill_dir=spill_dir, head=head)
     finally:
         for tensors in folders.values():
             tensors.close()
     return predictions
+
+
+def weight_change(tensors: TensorFolder, layer: str, weight: torch.Tensor, rows: int = HEAD_ROWS) -> torch.Tensor:
+    """A compressed-tensors layer's dequantized weights minus `weight` (any float dtype), float16 [out, in],
+    `rows` rows at a time (the head's float32 copies are 2.5 GB each at Phi-4-mini's vocabulary)."""
+    linear = stored_linear(tensors, layer)
+    change = torch.empty(weight.shape, dtype=torch.float16)
+    for row in range(0, weight.shape[0], rows):
+        part = replace(linear, codes=linear.codes[row:row + rows], scales=linear.scales[row:row + rows],
+                       zeros=linear.zeros[row:row + rows])
+        change[row:row + rows] = torch.from_numpy(dequantize(part)) - weight[row:row + rows].float()
+    return change
 
 
 def float_reference(model_folder: Path, windows: np.ndarray, budget_bytes: int | None = None,
