@@ -208,7 +208,46 @@ def _timed(kernel) -> float:
     return time.perf_counter() - started
 
 
-MODES = {"speed": speed, "gptq": gptq, "streaming": streaming, "oneshot": oneshot, "raw_forward": raw_forward, "bandwidth": bandwidth}
+def automix(job: dict) -> dict:
+    """One stage of an auto variant's choosing (benchmarks/automix.py): a candidate's calibration, the
+    sensitivity pass over every candidate, the float reference on the selection slice, or one plan measured."""
+    import torch
+
+    from compress.memory import activation_budget
+    from compress.quantize.sensitivity import candidate_predictions, float_reference, plan_kld
+    from compress.quantize.streaming import calibrate_streaming, linear_names
+    from compress.recipe import Variant
+    from compress.verify.accuracy import Reference
+
+    torch.set_num_threads(job.get("threads") or torch.get_num_threads())
+    model, root = Path(job["model"]), Path(job["root"])
+    vocab = int(json.loads((model / "config.json").read_text())["vocab_size"])
+    budget = int(job["budget_gib"] * 2**30)
+    work = root / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    selection = _tokens(vocab, tuple(job["selection"]), seed=1)
+    candidates = {name: root / name for name in job["candidates"]}
+    started = time.perf_counter()
+    result: dict = {}
+    if job["stage"] == "calibrate":
+        bits, group = job["candidate"].split("g")
+        variant = Variant(name=f"c{job['candidate']}", method="gptq", bits=int(bits), group_size=int(group), ignore=[])
+        calibrate_streaming(model, variant, _tokens(vocab, tuple(job["calibration"])), candidates[job["candidate"]], work, budget)
+    elif job["stage"] == "predict":
+        predictions = candidate_predictions(model, candidates, selection, budget_bytes=activation_budget(budget), spill_dir=work)
+        result["predicted"] = {name: sum(found[name] for found in predictions.values()) for name in candidates}
+    elif job["stage"] == "reference":
+        reference = float_reference(model, selection, activation_budget(budget), work)
+        np.savez(root / "reference.npz", **reference.as_arrays())
+    else:
+        with np.load(root / "reference.npz") as arrays:
+            reference = Reference(**arrays)
+        layers = linear_names(int(json.loads((model / "config.json").read_text())["num_hidden_layers"]))  # the head too
+        result["measured"] = plan_kld(model, dict.fromkeys(layers, candidates["4g128"]), selection, activation_budget(budget), work, reference)
+    return {**result, "seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+
+
+MODES = {"automix": automix, "speed": speed, "gptq": gptq, "streaming": streaming, "oneshot": oneshot, "raw_forward": raw_forward, "bandwidth": bandwidth}
 
 
 def main() -> None:

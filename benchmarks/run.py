@@ -22,8 +22,8 @@ if __package__ in (None, ""):  # run as a script (python benchmarks/run.py): mak
 from benchmarks.common import RESULTS, environment, log  # noqa: E402
 from benchmarks.table import render, targets  # noqa: E402
 
-BENCHMARKS = ("decode", "bandwidth", "overhead", "scaling", "llama-cpp", "fullsize", "awq")
-DEFAULT = ("decode", "bandwidth", "overhead", "scaling", "llama-cpp")  # fullsize and awq (an hour or more) run only when asked for
+BENCHMARKS = ("decode", "bandwidth", "overhead", "scaling", "llama-cpp", "fullsize", "awq", "automix")
+DEFAULT = ("decode", "bandwidth", "overhead", "scaling", "llama-cpp")  # fullsize, awq, automix (long) run only when asked for
 
 
 def _plan(values: list[str] | None) -> dict[str, list[int]] | None:
@@ -46,6 +46,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--awq-widths", default="phi4-mini,phi4", help="awq: widths to measure")
     parser.add_argument("--fullsize-method", default="gptq", choices=["gptq", "rtn"],
                         help="fullsize: calibration of the depth runs (rtn: the same stages without GPTQ's minutes per layer)")
+    parser.add_argument("--automix-layers", type=int, default=2, help="automix: decoder layers of the Phi-4-mini-width model")
     parser.add_argument("--layers", type=int, default=2, help="layers of the Phi-4-mini-width model (2-4)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per speed figure (at least 5)")
     parser.add_argument("--scaling", action="append", help="WIDTH:LAYERS,... (phi4 or phi4-mini), repeatable")
@@ -62,7 +63,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_all(options: argparse.Namespace, started: float) -> dict:
-    from benchmarks import awq, bandwidth, decode, fullsize, llama_cpp, overhead, scaling
+    from benchmarks import automix, awq, bandwidth, decode, fullsize, llama_cpp, overhead, scaling
 
     # Leave a minute for writing results; a slice predicted to end after this is skipped.
     deadline = started + 60 * options.budget_minutes - 60 if options.budget_minutes else None
@@ -74,6 +75,7 @@ def run_all(options: argparse.Namespace, started: float) -> dict:
         "llama-cpp": lambda results: llama_cpp.run(options.layers, options.runs),
         "fullsize": lambda results: fullsize.run([int(d) for d in options.fullsize_depths.split(",") if d.strip()],
                                                  not options.no_rehearsal, method=options.fullsize_method),
+        "automix": lambda results: automix.run(options.automix_layers),
         "awq": lambda results: awq.run([tuple(int(n) for n in size.split("x")) for size in options.awq_sizes.split(",") if size.strip()],
                                        [width.strip() for width in options.awq_widths.split(",") if width.strip()]),
     }

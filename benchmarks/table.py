@@ -78,6 +78,10 @@ def render(results: dict) -> str:
         from benchmarks.fullsize import markdown
 
         lines += markdown(results["fullsize"])
+    if "automix" in results:
+        from benchmarks.automix import markdown as automix_markdown
+
+        lines += automix_markdown(results["automix"])
     if "awq" in results:
         from benchmarks.awq import markdown as awq_markdown
 

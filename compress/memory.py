@@ -90,7 +90,7 @@ def baseline_accuracy(shapes: Shapes, windows: int, seq_len: int, budget: int) -
     return max(layerwise_forward(shapes, windows, seq_len, budget), OVERHEAD + head + _hidden_states(windows, seq_len, shapes.hidden, budget))
 
 
-def calibration(shapes: Shapes, method: str, samples: int, seq_len: int, budget: int) -> int:
+def calibration(shapes: Shapes, method: str, samples: int, seq_len: int, budget: int, head: bool = False) -> int:
     """Streaming calibration of one layer: the layer read as stored and in float32, then the largest of its
     steps, each beside the statistics the method keeps (GPTQ's Hessians, AWQ's Gram matrices: one float32
     matrix per linear of the block): the forward over the calibration windows (not for RTN); rounding the
@@ -113,7 +113,25 @@ def calibration(shapes: Shapes, method: str, samples: int, seq_len: int, budget:
     if "awq" in method:  # the search runs first, its Gram matrices freed before any Hessian is gathered
         steps = max(steps, statistics + max(forward, rounding + 2 * largest_in ** 2))
     layer = OVERHEAD + (4 + shapes.element_bytes) * shapes.layer_parameters
-    return max(layer + steps, OVERHEAD + shapes.table_bytes)
+    # `head`: the head quantized last, HEAD_BLOCK rows at a time (four float32 copies of a block inside GPTQ)
+    # beside it as stored and its packed codes (at most a byte per weight)
+    rounding_head = 4 * 4 * HEAD_BLOCK * shapes.hidden + shapes.vocab * shapes.hidden if head else 0
+    return max(layer + steps, OVERHEAD + shapes.table_bytes + rounding_head)
+
+
+def sensitivity(shapes: Shapes, windows: int, seq_len: int, candidates: int, budget: int, gguf: bool = False) -> int:
+    """An auto variant's sensitivity pass (compress.quantize.fisher): every layer's inputs kept for the backward
+    pass (within the hidden states' share of the budget, the rest on disk) and the gradients; then the larger of
+    the head's step (the head as stored, each candidate's change to it in float16, one candidate's codes
+    unpacked — a GGUF candidate's dequantized in float32 —, a window's logits and probabilities) and a decoder
+    layer's (in float32, each candidate's change in float16, one window's autograd intermediates)."""
+    store = windows * seq_len * shapes.hidden * 4
+    states = min((shapes.layers + 1) * store, activation_budget(budget)) + 2 * min(store, SPILL_CHUNK)
+    head_parameters = shapes.vocab * shapes.hidden
+    head = (shapes.table_bytes + 2 * candidates * head_parameters + (4 if gguf else 1) * head_parameters
+            + 2 * seq_len * shapes.vocab * 4 + 2 * seq_len * HEAD_BLOCK * 4)
+    layer = (4 + 2 * candidates) * shapes.layer_parameters + 3 * seq_len * (2 * shapes.intermediate + shapes.heads * seq_len) * 4
+    return OVERHEAD + states + max(head, layer)
 
 
 def whole_model_cpu(shapes: Shapes, seq_len: int) -> int:
@@ -254,7 +272,11 @@ def run_estimates(info, recipe, budget: int) -> dict[str, tuple[int, bool]]:
     stages = {"baseline accuracy (layer by layer)": (baseline_accuracy(shapes, evaluation.windows, evaluation.seq_len, budget), True),
               "baseline speed and generations (whole model in transformers)": (baseline_whole_model_cpu(shapes, evaluation.seq_len), False)}
     for variant in recipe.variants:
-        if variant.method == "gguf":
+        if variant.method == "auto":
+            candidates = len([name for name in variant.candidates if name != "keep"])
+            stages[f"{variant.name}: sensitivity pass ({candidates} candidates)"] = (
+                sensitivity(shapes, variant.selection, calibration_set.seq_len, candidates, budget, variant.writes_gguf), True)
+        if variant.writes_gguf:
             float_bytes = info.parameters * (4 if info.stored_dtype == "F32" else 2)
             if variant.uses_imatrix:
                 stages["llama-imatrix (the float GGUF whole)"] = (gguf_imatrix(float_bytes, shapes, calibration_set.seq_len), False)
@@ -276,7 +298,8 @@ def run_estimates(info, recipe, budget: int) -> dict[str, tuple[int, bool]]:
             stages["calibration, stock AWQ (whole model)"] = (needed, True)
         else:
             method = variant.base if variant.method == "auto" else variant.method  # auto: its base, once per candidate
-            needed = calibration(shapes, method, calibration_set.samples, calibration_set.seq_len, budget)
+            needed = calibration(shapes, method, calibration_set.samples, calibration_set.seq_len, budget,
+                                 variant.method == "auto" or variant.quantizes_head)
             stages[f"calibration, {method} (layer by layer)"] = (needed, True)
         if "compressed-tensors" in variant.formats:
             stages["compressed-tensors checks (whole model in transformers)"] = (whole, False)

@@ -69,7 +69,7 @@ def preflight(recipe: Recipe, model_spec: str, console: Console, out: Path, budg
     """Resolve and inspect the model, check every variant fits it, and refuse early if memory is short."""
     info = inspect_model(model_spec)
     config = info.config
-    if any(variant.method == "gguf" for variant in recipe.variants) and (reason := llama_cpp_tools.missing()):
+    if any(variant.writes_gguf for variant in recipe.variants) and (reason := llama_cpp_tools.missing()):
         raise ModelError(f"gguf variants need llama.cpp: {reason}")
     input_sizes = {"hidden_size": int(config["hidden_size"]), "intermediate_size": int(config["intermediate_size"])}
     for index, variant in enumerate(recipe.variants):
@@ -121,7 +121,7 @@ def estimate_disk(recipe: Recipe, info: ModelInfo) -> int:
     weights, scales, a float head), a saved calibration per calibrated variant, fp32 graphs where built."""
     artifacts = sum(len(v.formats) + (1 if v.calibrated else 0) for v in recipe.variants)
     fp32_graphs = sum(v.method == "onnx-int8-dynamic" for v in recipe.variants)
-    float_gguf = info.weight_bytes if any(v.method == "gguf" for v in recipe.variants) else 0  # shared by gguf variants
+    float_gguf = info.weight_bytes if any(v.writes_gguf for v in recipe.variants) else 0  # shared by gguf variants
     return int(info.weight_bytes * 0.5 * artifacts + info.parameters * 4 * fp32_graphs + float_gguf + 64 * 2**20)
 
 

@@ -80,6 +80,10 @@ def produce(variant, recipe, info: ModelInfo, samples, run_dir: Path, stamp: str
             from compress.produce_gguf import gguf_artifacts
 
             return gguf_artifacts(variant, recipe, info, samples, run_dir, space, stop_ids, budget_bytes)
+        if variant.method == "auto" and variant.writes_gguf:
+            from compress.produce_auto_gguf import auto_gguf_artifacts
+
+            return auto_gguf_artifacts(variant, recipe, info, samples, run_dir, space, stamp, stop_ids, budget_bytes)
         if variant.method == "auto":
             from compress.produce_auto import auto_artifacts
 

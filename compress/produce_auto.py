@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,7 @@ from compress import memory
 from compress.data import load_documents, selection_windows, token_stream
 from compress.model import ModelInfo
 from compress.produce import Workspace, unmade_artifact
-from compress.quantize.automix import BudgetTooSmall, Option, least_kld_plan, packed_bytes, smallest_plan
+from compress.quantize.automix import BudgetTooSmall, Option, choose_plan, packed_bytes, plan_bits
 from compress.quantize.sensitivity import candidate_predictions, float_reference, plan_kld
 from compress.quantize.streaming import calibrate_streaming, mixed_quantization_config, publish_folder
 from compress.release import write_json_atomic
@@ -39,7 +37,6 @@ from compress.tensors import TensorFolder
 from compress.verify.accuracy import Reference
 from compress.verify.size import checkpoint_bits, folder_bytes
 
-MAX_EVALUATIONS = 8  # plans measured on the selection slice, the corrective steps included (issue 14: at most 12)
 QUANTIZED_PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 
 
@@ -48,17 +45,17 @@ def auto_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, space:
     started = time.perf_counter()
     hidden_budget = None if budget_bytes is None else memory.activation_budget(budget_bytes)
     candidates = _calibrated_candidates(variant, info, samples, space, stamp, budget_bytes)
-    selection = _selection(recipe, variant, info)
+    selection = selection_slice(recipe, variant, info)
     predictions = _predictions(info, candidates, selection, recipe.calibration.seed, hidden_budget, space, stamp)
     options, weights = _options(variant, info, candidates, predictions)
-    reference = _reference(info.path, selection, hidden_budget, space, stamp, recipe.evaluation.top_k)
+    reference = reference_on_selection(info.path, selection, hidden_budget, space, stamp, recipe.evaluation.top_k)
 
     def measure(plan: dict[str, Option]) -> tuple[float, float]:
         return plan_kld(info.path, {layer: candidates[o.name] for layer, o in plan.items() if o.name != "keep"}, selection,
                         hidden_budget, space.work("activations"), reference)
 
     try:
-        plan, steps = _chosen_plan(variant.budget, options, weights, measure)
+        plan, steps = choose_plan(options, weights, measure, variant.budget.max_kld, variant.budget.max_bits_per_weight)
     except BudgetTooSmall as error:
         why = f"no plan of these candidates meets the budget: {error}"
         return [unmade_artifact(variant, space, "compressed-tensors", "transformers", {"log": str(space.log)},
@@ -72,7 +69,7 @@ def auto_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, space:
                     "selection_windows": int(len(selection)), "selection_tokens": int(selection.size),
                     "predicted": {layer: {name: round(kld, 8) for name, kld in found.items()} for layer, found in predictions.items()},
                     "contributions": {layer: round(option.kld, 8) for layer, option in plan.items()},
-                    "steps": steps, "bits_per_weight": round(_bits(plan, weights), 4),
+                    "steps": steps, "bits_per_weight": round(plan_bits(plan, weights), 4),
                     "met_on_selection": variant.budget.max_kld is None or any(step["measured"] <= variant.budget.max_kld for step in steps),
                     "seconds": round(time.perf_counter() - started, 1)},
         "log": str(space.log),
@@ -83,76 +80,7 @@ def auto_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, space:
                      checkpoint_bits(folder), details, runnable=folder)]
 
 
-def _chosen_plan(budget, options: dict[str, list[Option]], weights: int,
-                 measure: Callable[[dict[str, Option]], tuple[float, float]]) -> tuple[dict[str, Option], list[dict]]:
-    """The plan for `budget`: the fewest bytes meeting max_kld (corrected by measurement), or the least predicted
-    KLD within max_bits_per_weight (measured once, for the record); with both, the first, refused where it does
-    not fit the second. -> (plan, every measured step, the chosen one marked)."""
-    if budget.max_kld is not None:
-        plan, steps = _corrected_plan(options, budget.max_kld, measure)
-    else:
-        plan = least_kld_plan(options, int(budget.max_bits_per_weight * weights / 8))
-        steps = [_step(plan, 1.0, measure)]
-        steps[0]["chosen"] = True
-        del steps[0]["_plan"]
-    if budget.max_bits_per_weight is not None and _bits(plan, weights) > budget.max_bits_per_weight:
-        raise BudgetTooSmall(f"the smallest plan meeting max_kld {budget.max_kld:g} takes {_bits(plan, weights):.3f} "
-                             f"bits per weight, above max_bits_per_weight {budget.max_bits_per_weight:g}")
-    return plan, steps
-
-
-def _bits(plan: dict[str, Option], weights: int) -> float:
-    """The plan's quantized-layer bits (METRICS.md)."""
-    return 8 * sum(option.bytes for option in plan.values()) / weights
-
-
-def _step(plan: dict[str, Option], scale: float, measure) -> dict:
-    measured, se = measure(plan)
-    return {"predicted": sum(option.kld for option in plan.values()), "scale": scale, "measured": measured,
-            "measured_se": se, "bytes": sum(option.bytes for option in plan.values()),
-            "plan": dict(Counter(option.name for option in plan.values())), "_plan": plan}
-
-
-def _corrected_plan(options: dict[str, list[Option]], target: float,
-                    measure: Callable[[dict[str, Option]], tuple[float, float]]) -> tuple[dict[str, Option], list[dict]]:
-    """The knapsack's plan for predictions scaled by s (first s = 1), measured on the selection slice; then s is
-    searched: the last plan's measured ÷ predicted while every plan met or every plan missed the target (the
-    estimate reads the whole vocabulary's KLD, the verdict's top-k figure reads less; layers' errors interact),
-    the geometric mean of the smallest s that met and the largest that missed once both are known. Until a plan
-    repeats or MAX_EVALUATIONS are spent. `measure` gives the KLD as the verdict measures it (the float model's
-    top-k reference). -> (the smallest plan measured within the target, else the last; every step)."""
-    scale, steps, seen = 1.0, [], set()
-    met, missed = [], []  # scales whose plans met / missed the target
-    for _ in range(MAX_EVALUATIONS):
-        try:
-            chosen = smallest_plan({layer: [Option(o.name, o.bytes, o.kld * scale) for o in choices]
-                                    for layer, choices in options.items()}, target)
-        except BudgetTooSmall:
-            if not steps:
-                raise
-            break
-        plan = {layer: next(o for o in options[layer] if o.name == option.name) for layer, option in chosen.items()}
-        names = tuple(option.name for option in plan.values())
-        if names in seen:
-            break
-        seen.add(names)
-        step = _step(plan, scale, measure)
-        steps.append(step)
-        (met if step["measured"] <= target else missed).append(scale)
-        if met and missed:
-            scale = math.sqrt(min(met) * max(missed))
-        elif step["predicted"] > 0:
-            scale = step["measured"] / step["predicted"]
-    within = [step for step in steps if step["measured"] <= target]
-    chosen_step = min(within, key=lambda step: step["bytes"]) if within else steps[-1]
-    chosen_step["chosen"] = True
-    plan = chosen_step["_plan"]
-    for step in steps:
-        del step["_plan"]
-    return plan, steps
-
-
-def _reference(model_path: Path, selection: np.ndarray, hidden_budget: int | None, space: Workspace, stamp: str,
+def reference_on_selection(model_path: Path, selection: np.ndarray, hidden_budget: int | None, space: Workspace, stamp: str,
                top_k: int) -> Reference:
     """float_reference on the selection slice, kept in the run's work folder for every auto variant that chooses
     on the same windows of the same model."""
@@ -211,7 +139,7 @@ def candidates_folder(run_dir: Path, stamp: str) -> Path:
     return run_dir / "work" / "auto-candidates" / stamp[:16]
 
 
-def _selection(recipe, variant, info: ModelInfo) -> np.ndarray:
+def selection_slice(recipe, variant, info: ModelInfo) -> np.ndarray:
     from transformers import AutoTokenizer
 
     calibration = recipe.calibration

@@ -29,7 +29,7 @@ FORMATS_BY_METHOD = {
     "onnx-int8": ("onnx",),
     "onnx-int8-dynamic": ("onnx",),
     "gguf": ("gguf",),
-    "auto": ("compressed-tensors",),
+    "auto": ("compressed-tensors", "gguf"),
 }
 METHODS = tuple(FORMATS_BY_METHOD)
 ONNX_METHODS = ("onnx-int4", "onnx-int8", "onnx-int8-dynamic")
@@ -44,6 +44,9 @@ GGUF_TYPES = (
 AUTO_BASES = ("gptq", "rtn")  # awq: each setting's own AWQ scales are folded into the norms, so its layers do not mix
 # compressed-tensors' default menu (issue 14's measurements: 3g128, 5g64 and 6g128 beside the rest saved another 5-9%)
 AUTO_CANDIDATES = ("3g64", "3g128", "4g64", "4g128", "5g64", "6g128", "8g128", "keep")
+# GGUF auto variants choose each tensor's llama.cpp type: block types llama-quantize writes whole (--pure).
+GGUF_AUTO_CANDIDATES = ("Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "keep")
+GGUF_TENSOR_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 CANDIDATE = re.compile(r"^(?:(?P<bits>[234568])g(?P<group>-1|\d+)|keep)$")
 # The IQ1/IQ2 types are unusable without an importance matrix: llama-quantize refuses them.
 GGUF_NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S")
@@ -204,9 +207,16 @@ class Variant(Strict):
 
     @property
     def uses_imatrix(self) -> bool:
+        if self.method == "auto" and self.writes_gguf:  # llama.cpp's importance matrix, as for its K-quants
+            return any(re.match(r"^(Q\d_K|IQ)", name) for name in self.candidates)
         if self.method != "gguf" or self.from_:
             return False
         return self.imatrix if self.imatrix is not None else bool(re.match(r"^(Q\d_K|IQ)", self.quant))
+
+    @property
+    def writes_gguf(self) -> bool:
+        """A gguf variant, or an auto variant choosing llama.cpp tensor types."""
+        return self.method == "gguf" or (self.method == "auto" and self.formats == ["gguf"])
 
     @property
     def quantizes_head(self) -> bool:
@@ -300,7 +310,9 @@ class Variant(Strict):
         return self
 
     def candidate_settings(self) -> dict[str, tuple[int, int] | None]:
-        """{candidate: (bits, group size)}, None for keep."""
+        """{candidate: (bits, group size)}, None for keep (none for a GGUF auto variant: its candidates are types)."""
+        if self.writes_gguf:
+            return {}
         settings = {}
         for name in self.candidates:
             match = CANDIDATE.match(name)
@@ -316,6 +328,11 @@ class Variant(Strict):
                 raise ValueError(f"{field}: an auto variant chooses each layer's setting from its candidates; it takes no {field}")
         if "ignore" not in self.model_fields_set:  # the head is a candidate like every linear layer
             object.__setattr__(self, "ignore", [])
+        if len(self.formats) > 1:
+            raise ValueError("formats: an auto variant writes one format; give each format an auto variant of its own")
+        if self.formats == ["gguf"]:
+            self._check_gguf_auto()
+            return
         if self.base not in AUTO_BASES:
             why = " (each setting's AWQ scales are folded into the norms, so layers of different settings do not mix)" \
                 if self.base.startswith("awq") else ""
@@ -328,6 +345,20 @@ class Variant(Strict):
                 raise ValueError(f"candidates[{index}]: group size {match['group']} {problem}")
         if len(set(self.candidates) - {"keep"}) < 1 or len(set(self.candidates)) != len(self.candidates):
             raise ValueError("candidates: list each setting once, at least one besides keep")
+
+    def _check_gguf_auto(self) -> None:
+        if "base" in self.model_fields_set:
+            raise ValueError("base: a GGUF auto variant's candidates are llama-quantize's own types; it takes no base")
+        if "ignore" in self.model_fields_set:
+            raise ValueError("ignore: a GGUF auto variant chooses every tensor's type (keep among its candidates)")
+        if "candidates" not in self.model_fields_set:
+            object.__setattr__(self, "candidates", list(GGUF_AUTO_CANDIDATES))
+        for index, name in enumerate(self.candidates):
+            if name not in (*GGUF_TENSOR_TYPES, "keep"):
+                raise ValueError(f"candidates[{index}]: {name!r} is not a llama.cpp tensor type a GGUF auto variant can "
+                                 f"choose; known: {', '.join(GGUF_TENSOR_TYPES)} or keep")
+        if len(set(self.candidates) - {"keep"}) < 1 or len(set(self.candidates)) != len(self.candidates):
+            raise ValueError("candidates: list each type once, at least one besides keep")
 
     def _check_gguf(self) -> None:
         for field in ("bits", "group_size", "symmetric"):

@@ -281,10 +281,13 @@ def automix_line(automix: dict) -> str:
         limits.append(f"max KLD {budget['max_kld']:g}")
     if budget.get("max_bits_per_weight") is not None:
         limits.append(f"at most {budget['max_bits_per_weight']:g} quantized-layer bits per weight")
-    return (f"plan for {' and '.join(limits)} ({automix['base']} candidates {', '.join(automix['candidates'])}): "
-            f"{plan}" + (f" ({automix['bits_per_weight']:.3g} quantized-layer bits)" if "bits_per_weight" in automix else "") + f"; predicted {last['predicted']:.4g}, measured {last['measured']:.4g} ± {last['measured_se']:.2g} on "
+    bits = f" ({automix['bits_per_weight']:.3g} quantized-layer bits)" if "bits_per_weight" in automix else ""
+    scaled = f" ({last['predicted'] * last['scale']:.4g} as scaled when chosen)" if last["scale"] != 1 else ""
+    return (f"plan for {' and '.join(limits)} ({automix['base']} candidates {', '.join(automix['candidates'])}): {plan}{bits}; "
+            f"predicted {last['predicted']:.4g}{scaled}, measured {last['measured']:.4g} ± {last['measured_se']:.2g} on "
             f"{automix['selection_windows']} selection windows disjoint from calibration and evaluation (the chosen of "
-            f"{len(automix['steps'])} plan(s) measured; predictions scaled by measured ÷ predicted between them)" + ("" if automix["met_on_selection"] else " — NOT met on the selection slice"))
+            f"{len(automix['steps'])} plan(s) measured; predictions scaled by measured ÷ predicted between them)"
+            + ("" if automix["met_on_selection"] else " — NOT met on the selection slice"))
 
 
 def gguf_lines(gguf: dict) -> list[str]:

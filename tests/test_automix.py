@@ -70,6 +70,34 @@ def test_least_kld_within_a_size_is_as_good_as_brute_force_within_its_rounding(s
         least_kld_plan(options, sum(o[0].bytes for o in options.values()) - 1)
 
 
+@pytest.mark.parametrize("bias", [0.7, 1.3])
+def test_measured_plans_correct_a_biased_prediction_to_the_plan_the_truth_allows(bias):
+    """Where every plan's measured KLD is `bias` × its prediction, the corrective search ends on a plan that meets
+    the budget in measurement, within MAX_EVALUATIONS, and as small as the knapsack on the true KLDs allows."""
+    from compress.quantize.automix import MAX_EVALUATIONS, choose_plan
+
+    rng = np.random.default_rng(5)
+    options = {f"layer{i}": [Option(str(bits), int(size * bits / 16), float(kld * 4 ** (4 - bits))) for bits in (3, 4, 5, 8)]
+               for i, (size, kld) in enumerate(zip(rng.integers(1000, 5000, 12), rng.uniform(0.001, 0.01, 12), strict=True))}
+    budget = 0.05
+    plan, steps = choose_plan(options, 10**6, lambda chosen: (bias * sum(o.kld for o in chosen.values()), 0.0), max_kld=budget)
+    assert 2 <= len(steps) <= MAX_EVALUATIONS and sum(step.get("chosen", False) for step in steps) == 1
+    assert bias * sum(o.kld for o in plan.values()) <= budget
+    truth = smallest_plan({layer: [Option(o.name, o.bytes, bias * o.kld) for o in choices] for layer, choices in options.items()}, budget)
+    assert sum(o.bytes for o in plan.values()) <= 1.01 * sum(o.bytes for o in truth.values())
+
+
+def test_a_size_budget_gives_the_least_kld_that_fits_and_both_budgets_refuse_a_plan_too_large():
+    from compress.quantize.automix import choose_plan, plan_bits
+
+    options = {"a": [Option("4", 500, 0.02), Option("8", 1000, 0.001)], "b": [Option("4", 500, 0.01), Option("8", 1000, 0.0)]}
+    plan, steps = choose_plan(options, 1000, lambda chosen: (0.5, 0.1), max_bits_per_weight=12.01)  # rounding's slack
+    assert {k: o.name for k, o in plan.items()} == {"a": "8", "b": "4"} and plan_bits(plan, 1000) == 12
+    assert len(steps) == 1 and steps[0]["chosen"] and steps[0]["measured"] == 0.5
+    with pytest.raises(BudgetTooSmall, match="takes 16.000 bits per weight, above max_bits_per_weight 12.01"):
+        choose_plan(options, 1000, lambda chosen: (sum(o.kld for o in chosen.values()), 0.0), max_kld=0.005, max_bits_per_weight=12.01)
+
+
 def test_a_budget_no_plan_meets_is_refused_with_the_smallest_there_is():
     options = {"a": [Option("4", 10, 0.02), Option("8", 20, 0.01)], "b": [Option("4", 10, 0.02)]}
     with pytest.raises(BudgetTooSmall, match="smallest predicted KLD of any plan is 0.03"):
@@ -142,7 +170,7 @@ AUTO_BASE = "name: r\nmodel: builtin:tiny-phi4-mini\nvariants:\n  - %s\n"
 
 @pytest.mark.parametrize("variant,message", [
     ("{name: a, method: auto}", "needs budget: {max_kld: X}"),
-    ("{name: a, method: auto, budget: {}}", "name max_kld (the KLD the plan must meet), max_bits_per_weight"),
+    ("{name: a, method: auto, budget: {}}", "name max_kld \\(the KLD the plan must meet\\), max_bits_per_weight"),
     ("{name: a, method: auto, budget: {max_kld: 0.1}, base: awq}", "AWQ scales are folded into the norms"),
     ("{name: a, method: auto, budget: {max_kld: 0.1}, candidates: [7g64]}", "is not <bits>g<group>"),
     ("{name: a, method: auto, budget: {max_kld: 0.1}, candidates: [4g48]}", "power of two"),
@@ -150,7 +178,11 @@ AUTO_BASE = "name: r\nmodel: builtin:tiny-phi4-mini\nvariants:\n  - %s\n"
     ("{name: a, method: auto, budget: {max_kld: 0.1}, group_size: 64}", "takes no group_size"),
     ("{name: a, method: auto, budget: {max_kld: 0}}", "greater than 0"),
     ("{name: a, method: rtn, candidates: [4g128]}", "only auto variants take this option"),
-    ("{name: a, method: auto, budget: {max_kld: 0.1}, formats: [gguf]}", "cannot write 'gguf'"),
+    ("{name: a, method: auto, budget: {max_kld: 0.1}, formats: [onnx]}", "cannot write 'onnx'"),
+    ("{name: a, method: auto, budget: {max_kld: 0.1}, formats: [gguf, compressed-tensors]}", "writes one format"),
+    ("{name: a, method: auto, budget: {max_kld: 0.1}, formats: [gguf], base: rtn}", "takes no base"),
+    ("{name: a, method: auto, budget: {max_kld: 0.1}, formats: [gguf], candidates: [Q4_K_M]}", "not a llama.cpp tensor type"),
+    ("{name: a, method: auto, budget: {max_kld: 0.1}, formats: [gguf], ignore: [lm_head]}", "chooses every tensor's type"),
 ])
 def test_auto_recipes_that_cannot_work_are_refused_when_read(variant, message):
     from compress.recipe import RecipeError, parse_recipe
@@ -209,3 +241,39 @@ def test_a_matrix_of_budgets_gives_one_auto_variant_per_budget():
     recipe = parse_recipe(AUTO_BASE % "{name: front, method: auto, base: rtn, matrix: {max_kld: [0.01, 0.02, 0.04]}}")
     assert [(v.name, v.budget.max_kld, v.base) for v in recipe.variants] == [
         ("front-kld0.01", 0.01, "rtn"), ("front-kld0.02", 0.02, "rtn"), ("front-kld0.04", 0.04, "rtn")]
+
+
+GGUF_AUTO_RECIPE = """\
+name: gguf-auto
+model: builtin:tiny-phi4-mini
+calibration: {samples: 16, seq_len: 128}
+evaluation: {seq_len: 128, windows: 16, new_tokens: 8, prompts: [Hello]}
+gates: {max_kld: 0.2, min_top1: 0.7}
+variants:
+  - {name: q4_0, method: gguf, quant: Q4_0, ignore: []}
+  - {name: gauto, method: auto, formats: [gguf], candidates: [Q4_0, Q5_0, Q8_0, keep], budget: {max_kld: 0.012}}
+"""
+
+
+@pytest.mark.slow
+def test_a_gguf_auto_variant_writes_each_tensors_chosen_type_and_meets_its_budget_in_llama_cpp(tmp_path_factory):
+    """Candidates are llama-quantize's own types, plans are measured in llama.cpp on the selection slice, and
+    the released file holds exactly the planned type for every tensor (the tied table as head and embedding)."""
+    from conftest import entry, run_recipe
+
+    from compress.export import gguf
+    from compress.runtimes.llama_cpp import gguf_file
+
+    out, report = run_recipe(tmp_path_factory, "gguf-auto", GGUF_AUTO_RECIPE)
+    auto = entry(report, "gauto", "gguf")
+    assert auto["released"], auto["not_released_because"]
+    held_out = auto["targets"]["cpu"]["metrics"]
+    assert held_out["kld"] <= 0.012 + 2 * held_out["kld_se"]  # verified in llama.cpp on the evaluation windows
+    automix = auto["automix"]
+    assert automix["met_on_selection"] and len(automix["steps"]) <= 8 and "token_embd.weight" in automix["predicted"]
+    written = gguf.tensor_types(gguf_file(out / "release" / "gauto" / "gguf"))
+    planned = {name: option for name, option in zip(automix["contributions"], auto["layer_plan"].values(), strict=True)}
+    assert {written[name] for name in planned} == set(planned.values()) and len(set(planned.values())) > 1
+    assert all(written[name] == kind for name, kind in planned.items())
+    assert auto["quantized_layer_bits"] == pytest.approx(automix["bits_per_weight"], abs=1e-3)
+    assert "token_embd.weight" not in {name for name, kind in written.items() if kind == "F32"}  # the tied table chosen too

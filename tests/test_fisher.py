@@ -21,11 +21,13 @@ def _model():
 
 
 def _changes(model, seed: int) -> dict[str, dict[str, torch.Tensor]]:
-    """Two random weight changes per linear layer, a few percent of its weights' spread, float16."""
+    """Two random weight changes per linear layer and for the embedding, a few percent of its weights' spread,
+    float16."""
     generator = torch.Generator().manual_seed(seed)
+    modules = {name: module for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Embedding))}
     return {name: {size: (torch.randn(module.weight.shape, generator=generator) * module.weight.std() * size_scale).half()
                    for size, size_scale in (("small", 0.02), ("large", 0.1))}
-            for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+            for name, module in modules.items()}
 
 
 def _reference(model, windows, labels, changes):
@@ -44,14 +46,17 @@ def _reference(model, windows, labels, changes):
             module.register_forward_hook(hook(name))
     for window, label in zip(windows, labels, strict=True):
         model.zero_grad(set_to_none=True)
-        logits = model(torch.as_tensor(window[None])).logits[0]
+        embedded = model.model.embed_tokens(torch.as_tensor(window[None])).detach().requires_grad_(True)
+        seen["model.embed_tokens"] = [torch.nn.functional.one_hot(torch.as_tensor(window), model.config.vocab_size).float()]
+        embedded.register_hook(lambda grad: seen["model.embed_tokens"].append(grad.detach()[0]))
+        logits = model(inputs_embeds=embedded).logits[0]
         logprobs = torch.log_softmax(logits, -1)
         (-logprobs[torch.arange(len(label)), torch.as_tensor(label)].sum()).backward()
         probabilities = logprobs.detach().exp()
         for name, by_size in changes.items():
             x, g = seen[name]
             for size, delta in by_size.items():
-                change = x @ delta.float().T
+                change = x @ (delta.float() if name == "model.embed_tokens" else delta.float().T)  # embedding: onehot @ E
                 if name == "lm_head":
                     term = (probabilities * change ** 2).sum(-1) - (probabilities * change).sum(-1) ** 2
                 else:
@@ -68,14 +73,15 @@ def test_layer_by_layer_second_order_kld_equals_autograd_through_the_whole_model
     changes = _changes(model, 0)
     asked = []
 
-    def deltas(name, weight):
+    def deltas(name, weight, rows):
         asked.append(name)
-        assert weight.shape == changes[name]["small"].shape
-        return changes[name]
+        chosen = {size: change if rows is None else change[torch.as_tensor(rows)] for size, change in changes[name].items()}
+        assert weight.shape == chosen["small"].shape
+        return chosen
 
-    found, labels = quadratic_klds(TINY, windows, deltas, spill_dir=tmp_path, budget_bytes=1)  # every store spilled
+    found, labels = quadratic_klds(TINY, windows, deltas, spill_dir=tmp_path, budget_bytes=1, embedding=True)  # every store spilled
     assert labels.shape == windows.shape and labels.min() >= 0
-    assert asked[:2] == ["lm_head", "model.layers.3.self_attn.qkv_proj"] and len(asked) == 17
+    assert asked[:2] == ["lm_head", "model.layers.3.self_attn.qkv_proj"] and asked[-1] == "model.embed_tokens" and len(asked) == 18
     reference = _reference(model, windows, labels, changes)
     for name, by_size in reference.items():
         for size, expected in by_size.items():
@@ -108,7 +114,7 @@ def test_predicted_kld_of_one_layer_tracks_its_measured_kld(name):
     scale = groups.abs().amax(-1, keepdim=True) / 3
     quantized = (torch.clamp(torch.round(groups / scale), -4, 3) * scale).reshape(weight.shape)
 
-    def deltas(layer, stored):
+    def deltas(layer, stored, _rows):
         return {"3-bit": (quantized - stored.float()).half()} if layer == name else {}
 
     predicted = quadratic_klds(TINY, windows, deltas)[0][name]["3-bit"]
@@ -124,7 +130,7 @@ def test_without_head_the_head_is_skipped_and_the_layers_are_the_same():
     windows = np.random.default_rng(4).integers(5, 4000, size=(2, 32))
     changes = _changes(_model(), 1)
 
-    def deltas(name, _weight):
+    def deltas(name, _weight, _rows):
         return changes[name]
 
     with_head, labels = quadratic_klds(TINY, windows, deltas)

@@ -7,7 +7,9 @@ log-likelihood by s_t = g_tᵀ·dW·x_t at t, and the KLD from the original grow
 change lines up with the inputs: GPTQ shapes dW·x to be small, which the diagonal over-predicted 3.5-5×
 (measured for this project on the embedded model under GPTQ: token by token within 7-14% of the measured KLD).
 The head's term needs no sampled labels: with p the next-token distribution and dz = dW·x_t the change of the
-logits, ½·(Σ p·dz² − (Σ p·dz)²) exactly (measured: the head's KLD to three digits).
+logits, ½·(Σ p·dz² − (Σ p·dz)²) exactly (measured: the head's KLD to three digits). The embedding's (where a
+format can quantize it): ½·E[(g_tᵀ·dE[token_t])²], g_t the gradient at the first layer's input; only the rows of
+the tokens the windows hold are asked for.
 
 Memory follows compress/layerwise.py: a forward pass keeps each decoder layer's inputs (spilled to disk beyond
 the budget), then a backward pass runs from the head down, one decoder layer in float32 at a time, through
@@ -26,8 +28,9 @@ from compress.activations import allocate
 from compress.layerwise import HEAD_ROWS, LayerwiseModel
 
 LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-# deltas(name, float weight or the stored head) -> {candidate: its weight minus the original, float16 [out, in]}
-Deltas = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
+# deltas(name, its weight as stored or in float32, the rows of it given or None for all) -> {candidate: those
+# rows of its weight minus the original's, float16 [rows, in]}
+Deltas = Callable[[str, torch.Tensor, np.ndarray | None], dict[str, torch.Tensor]]
 
 
 def _head_step(model: LayerwiseModel, hidden: torch.Tensor, labels: np.ndarray | None, generator: torch.Generator,
@@ -77,11 +80,12 @@ def _watch(modules: dict[str, torch.nn.Module]) -> tuple[dict[str, list[torch.Te
 
 
 def quadratic_klds(folder: Path, windows: np.ndarray, deltas: Deltas, labels: np.ndarray | None = None, seed: int = 0,
-                   budget_bytes: int | None = None, spill_dir: Path | None = None,
-                   head: bool = True) -> tuple[dict[str, dict[str, float]], np.ndarray]:
+                   budget_bytes: int | None = None, spill_dir: Path | None = None, head: bool = True,
+                   embedding: bool = False) -> tuple[dict[str, dict[str, float]], np.ndarray]:
     """{layer: {candidate: predicted KLD per token}} for the head ("lm_head"; the embedding table where tied;
-    only with `head`) and every decoder layer's linear layers, for the weight changes `deltas` gives, with
-    the labels [windows, seq_len] the gradients were taken for (sampled with `seed` where not given)."""
+    only with `head`), every decoder layer's linear layers and, with `embedding`, the embedding's lookup
+    ("model.embed_tokens"), for the weight changes `deltas` gives, with the labels [windows, seq_len] the
+    gradients were taken for (sampled with `seed` where not given)."""
     from transformers.masking_utils import create_causal_mask
 
     count, seq_len = windows.shape
@@ -89,12 +93,14 @@ def quadratic_klds(folder: Path, windows: np.ndarray, deltas: Deltas, labels: np
     generator = torch.Generator().manual_seed(seed)
     found: dict[str, dict[str, float]] = {}
     with LayerwiseModel(folder) as model:
-        stores = [allocate(count, seq_len, model.hidden_size, budget_bytes, spill_dir, "fisher-in-0")]
+        # every layer's inputs are kept for the backward pass: each store gets its share of the budget
+        share = None if budget_bytes is None else 2 * budget_bytes // (model.layers + 3)
+        stores = [allocate(count, seq_len, model.hidden_size, share, spill_dir, "fisher-in-0")]
         model.embed(windows, stores[0])
         for index in range(model.layers):
-            stores.append(allocate(count, seq_len, model.hidden_size, budget_bytes, spill_dir, f"fisher-in-{index + 1}"))
+            stores.append(allocate(count, seq_len, model.hidden_size, share, spill_dir, f"fisher-in-{index + 1}"))
             model.forward(model.layer(index), stores[index], stores[index + 1])
-        head_deltas = deltas("lm_head", model.head_weight()) if head else {}
+        head_deltas = deltas("lm_head", model.head_weight(), None) if head else {}
         head_sums = dict.fromkeys(head_deltas, 0.0)
         grads = allocate(count, seq_len, model.hidden_size, budget_bytes, spill_dir, "fisher-grad-head")
         chosen = np.zeros((count, seq_len), dtype=np.int64)
@@ -113,7 +119,7 @@ def quadratic_klds(folder: Path, windows: np.ndarray, deltas: Deltas, labels: np
             inputs = stores.pop()
             below = allocate(count, seq_len, model.hidden_size, budget_bytes, spill_dir, f"fisher-grad-{index}")
             modules = {f"model.layers.{index}.{name}": layer.get_submodule(name) for name in LINEARS}
-            changes = {name: deltas(name, module.weight) for name, module in modules.items()}
+            changes = {name: deltas(name, module.weight, None) for name, module in modules.items()}
             sums = {name: dict.fromkeys(found_here, 0.0) for name, found_here in changes.items()}
             seen, handles = _watch(modules)
             for window in range(count):
@@ -138,5 +144,21 @@ def quadratic_klds(folder: Path, windows: np.ndarray, deltas: Deltas, labels: np
                 if by_candidate:
                     found[name] = {candidate: 0.5 * total / tokens for candidate, total in by_candidate.items()}
             del layer, modules, changes, seen
+        if embedding:  # grads: d/d(the embedding rows the first layer read)
+            found["model.embed_tokens"] = _embedding_terms(model, windows, grads, deltas, tokens)
         grads.delete()
     return found, chosen
+
+
+def _embedding_terms(model: LayerwiseModel, windows: np.ndarray, grads, deltas: Deltas, tokens: int) -> dict[str, float]:
+    """½·mean (g_tᵀ·dE[token_t])² for each candidate's change dE of the rows the windows use."""
+    rows, index = np.unique(windows, return_inverse=True)
+    table = model.tensors.tensor("model.embed_tokens.weight")[torch.as_tensor(rows)]
+    changes = deltas("model.embed_tokens", table, rows)
+    sums = dict.fromkeys(changes, 0.0)
+    index = torch.as_tensor(index.reshape(windows.shape))
+    for window in range(len(windows)):
+        grad = grads.read(window, window + 1)[0]
+        for name, change in changes.items():
+            sums[name] += float((grad * change[index[window]].float()).sum(-1).pow(2).sum())
+    return {name: 0.5 * total / tokens for name, total in sums.items()}

@@ -72,5 +72,12 @@ def packed_tensors(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
         "weight_shape": torch.tensor(list(codes.shape), dtype=torch.int64),
     }
     if not args.symmetric:
-        tensors["weight_zero_point"] = pack_to_int32(zero.to(torch.int8), args.num_bits, packed_dim=0)
+        tensors["weight_zero_point"] = packed_zero_points(zero, args)
     return tensors
+
+
+def packed_zero_points(zero: torch.Tensor, args) -> torch.Tensor:
+    """Asymmetric zero points [out, groups] packed along the output dimension, as pack-quantized stores them."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    return pack_to_int32(zero.to(torch.int8), args.num_bits, packed_dim=0)

@@ -29,7 +29,7 @@ def candidate_predictions(model_folder: Path, candidates: dict[str, Path], windo
     the candidate's own dequantized ones."""
     folders = {name: TensorFolder(path) for name, path in candidates.items()}
 
-    def deltas(layer: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    def deltas(layer: str, weight: torch.Tensor, _rows) -> dict[str, torch.Tensor]:
         return {name: weight_change(tensors, layer, weight) for name, tensors in folders.items()
                 if f"{layer}.weight_packed" in tensors}
 
@@ -84,10 +84,16 @@ def plan_kld(model_folder: Path, plan: dict[str, Path], windows: np.ndarray, bud
         return torch.from_numpy(dequantize(stored_linear(folders[plan["lm_head"]], "lm_head")))
 
     try:
-        blocks = window_logprobs(model_folder, windows, budget_bytes, spill_dir, each_layer, head if "lm_head" in plan else None)
-        parts = [window_figures(reference.window(index), window, windows[index, 1:]) for index, window in enumerate(blocks)]
+        return blocks_kld(reference, window_logprobs(model_folder, windows, budget_bytes, spill_dir, each_layer,
+                                                     head if "lm_head" in plan else None), windows)
     finally:
         for tensors in folders.values():
             tensors.close()
+
+
+def blocks_kld(reference: Reference, blocks, windows: np.ndarray) -> tuple[float, float]:
+    """(KLD, its standard error over windows) of a runtime's log-probs (window by window, blocks of rows)
+    against the float model's top-k `reference`, as the verdict computes it."""
+    parts = [window_figures(reference.window(index), window, windows[index, 1:]) for index, window in enumerate(blocks)]
     figures = summarise(reference, stack_windows(parts))
     return figures["kld"], figures["kld_se"]

@@ -232,19 +232,24 @@ def _head_hessian(model: LayerwiseModel, hidden) -> torch.Tensor:
 def _quantize_head(model: LayerwiseModel, args, hessian: torch.Tensor | None, variant, stored: torch.dtype) -> dict:
     """The head's pack-quantized tensors (the embedding table's, untied, where the two are tied), HEAD_ROWS rows
     at a time in float32: each output row's groups, scales and GPTQ updates are its own, so rows in blocks give
-    what the whole matrix gives."""
+    what the whole matrix gives. Each block is packed on its own (packing the whole head at once made int32
+    copies of it: 8.6 GB at Phi-4-mini's vocabulary); zero points, packed across rows, once at the end."""
     head = model.head_weight()
-    codes, scales, zeros = [], [], []
+    packed, scales, zeros = [], [], []
     for row in range(0, head.shape[0], HEAD_ROWS):
         weight = head[row:row + HEAD_ROWS].float()
         scale, zero = rounding.minmax_qparams(weight, args, stored)
         block_hessian = None if hessian is None else hessian.clone()  # GPTQ dampens and factors its copy
-        codes.append(rounding.integer_codes(_rounded(weight, scale, zero, args, block_hessian, variant.dampening), scale,
-                                            zero, args))
-        scales.append(scale)
+        codes = rounding.integer_codes(_rounded(weight, scale, zero, args, block_hessian, variant.dampening), scale, zero, args)
+        packed.append(rounding.packed_tensors(codes, scale, zero, args, stored)["weight_packed"])
+        scales.append(scale.to(stored))
         zeros.append(zero)
     model.release_head()
-    return rounding.packed_tensors(torch.cat(codes), torch.cat(scales), torch.cat(zeros), args, stored)
+    tensors = {"weight_packed": torch.cat(packed), "weight_scale": torch.cat(scales),
+               "weight_shape": torch.tensor([head.shape[0], head.shape[1]], dtype=torch.int64)}
+    if not args.symmetric:
+        tensors["weight_zero_point"] = rounding.packed_zero_points(torch.cat(zeros), args)
+    return tensors
 
 
 def publish_folder(shards: list[Path], partial: Path, out: Path, model_path: Path, quantization: dict,
