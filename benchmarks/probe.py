@@ -236,6 +236,21 @@ def automix(job: dict) -> dict:
     elif job["stage"] == "predict":
         predictions = candidate_predictions(model, candidates, selection, budget_bytes=activation_budget(budget), spill_dir=work)
         result["predicted"] = {name: sum(found[name] for found in predictions.values()) for name in candidates}
+    elif job["stage"] == "gguf-candidates":  # the float GGUF, then llama-quantize --pure per type, as produce_auto_gguf does
+        from compress.export import gguf
+
+        gguf.convert(model, root / "float.gguf", "bf16", work / "gguf.log")
+        for kind in job["gguf_candidates"]:
+            gguf.quantize(root / "float.gguf", root / f"gguf-{kind}.gguf", kind, {}, kind, kind, None, job["threads"],
+                          work / "gguf.log", pure=True)
+    elif job["stage"] == "gguf-predict":
+        from compress.model import inspect_model
+        from compress.produce import Workspace
+        from compress.produce_auto_gguf import _predictions
+
+        files = {kind: root / f"gguf-{kind}.gguf" for kind in job["gguf_candidates"]}
+        predictions, _ = _predictions(inspect_model(str(model)), files, selection, 0, activation_budget(budget), Workspace(root, "gguf"))
+        result["predicted"] = {kind: sum(found[kind] for found in predictions.values()) for kind in files}
     elif job["stage"] == "reference":
         reference = float_reference(model, selection, activation_budget(budget), work)
         np.savez(root / "reference.npz", **reference.as_arrays())

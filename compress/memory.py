@@ -122,14 +122,14 @@ def calibration(shapes: Shapes, method: str, samples: int, seq_len: int, budget:
 def sensitivity(shapes: Shapes, windows: int, seq_len: int, candidates: int, budget: int, gguf: bool = False) -> int:
     """An auto variant's sensitivity pass (compress.quantize.fisher): every layer's inputs kept for the backward
     pass (within the hidden states' share of the budget, the rest on disk) and the gradients; then the larger of
-    the head's step (the head as stored, each candidate's change to it in float16, one candidate's codes
-    unpacked — a GGUF candidate's dequantized in float32 —, a window's logits and probabilities) and a decoder
-    layer's (in float32, each candidate's change in float16, one window's autograd intermediates)."""
+    the head's step (the head as stored, each compressed-tensors candidate's packed head — at most a byte per
+    weight; GGUF candidates are read from their memory-mapped files —, a window's logits and probabilities, a
+    block of rows dequantized) and a decoder layer's (in float32, each candidate's change in float16, one
+    window's autograd intermediates)."""
     store = windows * seq_len * shapes.hidden * 4
     states = min((shapes.layers + 1) * store, activation_budget(budget)) + 2 * min(store, SPILL_CHUNK)
-    head_parameters = shapes.vocab * shapes.hidden
-    head = (shapes.table_bytes + 2 * candidates * head_parameters + (4 if gguf else 1) * head_parameters
-            + 2 * seq_len * shapes.vocab * 4 + 2 * seq_len * HEAD_BLOCK * 4)
+    packed_heads = 0 if gguf else candidates * shapes.vocab * shapes.hidden
+    head = shapes.table_bytes + packed_heads + 2 * seq_len * shapes.vocab * 4 + 4 * HEAD_BLOCK * (shapes.hidden + seq_len) * 4
     layer = (4 + 2 * candidates) * shapes.layer_parameters + 3 * seq_len * (2 * shapes.intermediate + shapes.heads * seq_len) * 4
     return OVERHEAD + states + max(head, layer)
 

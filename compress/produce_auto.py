@@ -62,20 +62,10 @@ def auto_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, space:
                                 {target: (FAIL, why) for target in recipe.targets})]
     folder = space.staging("compressed-tensors")
     _write_mixed(info.path, {layer: option.name for layer, option in plan.items()}, candidates, variant, folder)
-    details = {
-        "layer_plan": {layer: option.name for layer, option in plan.items()},
-        "layer_bits": dict(Counter(option.name for option in plan.values())),
-        "automix": {"budget": variant.budget.model_dump(), "base": variant.base, "candidates": list(variant.candidates),
-                    "selection_windows": int(len(selection)), "selection_tokens": int(selection.size),
-                    "predicted": {layer: {name: round(kld, 8) for name, kld in found.items()} for layer, found in predictions.items()},
-                    "contributions": {layer: round(option.kld, 8) for layer, option in plan.items()},
-                    "steps": steps, "bits_per_weight": round(plan_bits(plan, weights), 4),
-                    "met_on_selection": variant.budget.max_kld is None or any(step["measured"] <= variant.budget.max_kld for step in steps),
-                    "seconds": round(time.perf_counter() - started, 1)},
-        "log": str(space.log),
-    }
-    space.work("automix.json").parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(space.work("automix.json"), details["automix"])
+    details = {"layer_plan": {layer: option.name for layer, option in plan.items()},
+               "layer_bits": dict(Counter(option.name for option in plan.values())),
+               "automix": automix_record(variant, variant.base, selection, predictions, plan, steps, weights, started, space),
+               "log": str(space.log)}
     return [Artifact(variant.name, variant.method, "compressed-tensors", folder, "transformers", folder_bytes(folder),
                      checkpoint_bits(folder), details, runnable=folder)]
 
@@ -132,6 +122,22 @@ def _predictions(info: ModelInfo, candidates: dict[str, Path], selection: np.nda
                                         spill_dir=space.work("activations"))
     write_json_atomic(saved, predictions)
     return predictions
+
+
+def automix_record(variant, base: str, selection: np.ndarray, predictions: dict[str, dict[str, float]],
+                   plan: dict[str, Option], steps: list[dict], weights: int, started: float, space: Workspace) -> dict:
+    """How the plan was chosen, for the manifest and the report (and the variant's work folder)."""
+    budget = variant.budget
+    record = {"budget": budget.model_dump(), "base": base, "candidates": list(variant.candidates),
+              "selection_windows": int(len(selection)), "selection_tokens": int(selection.size),
+              "predicted": {layer: {name: round(kld, 8) for name, kld in found.items()} for layer, found in predictions.items()},
+              "contributions": {layer: round(option.kld, 8) for layer, option in plan.items()},
+              "steps": steps, "bits_per_weight": round(plan_bits(plan, weights), 4),
+              "met_on_selection": budget.max_kld is None or any(step["measured"] <= budget.max_kld for step in steps),
+              "seconds": round(time.perf_counter() - started, 1)}
+    space.work("automix.json").parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(space.work("automix.json"), record)
+    return record
 
 
 def candidates_folder(run_dir: Path, stamp: str) -> Path:

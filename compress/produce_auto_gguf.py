@@ -25,18 +25,15 @@ import numpy as np
 import torch
 
 from compress.export import gguf
-from compress.export.gptq_v1 import CARRIED_PATTERNS
 from compress.export.onnx_genai import phi3_linear_names
 from compress.model import ModelInfo
 from compress.produce import Workspace, unmade_artifact
-from compress.produce_auto import candidates_folder, reference_on_selection, selection_slice
-from compress.produce_gguf import RUNTIME, _importance_matrix, float_gguf, float_outtype
-from compress.quantize.automix import BudgetTooSmall, Option, choose_plan, plan_bits
+from compress.produce_auto import automix_record, candidates_folder, reference_on_selection, selection_slice
+from compress.produce_gguf import RUNTIME, float_gguf, float_outtype, importance_matrix, release_folder
+from compress.quantize.automix import BudgetTooSmall, Option, choose_plan
 from compress.quantize.fisher import quadratic_klds
 from compress.quantize.sensitivity import blocks_kld
-from compress.release import write_json_atomic
-from compress.results import FAIL, NOT_VERIFIED, Artifact
-from compress.verify.size import folder_bytes, gguf_bits
+from compress.results import FAIL, Artifact
 
 TIED = "token_embd.weight"
 
@@ -54,7 +51,7 @@ def auto_gguf_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, r
     try:
         source = float_gguf(info, run_dir, space.log)
         described: dict = {"float_gguf": float_outtype(info).upper()}
-        matrix = _importance_matrix(variant, info, samples, run_dir, space, source, threads, budget_bytes, described)
+        matrix = importance_matrix(variant, info, samples, run_dir, space, source, threads, budget_bytes, described)
         candidates = _candidate_files(variant, source, matrix, candidates_folder(run_dir, stamp), threads, space.log)
         selection = selection_slice(recipe, variant, info)
         predictions, tensors = _predictions(info, candidates, selection, recipe.calibration.seed, hidden_budget, space)
@@ -88,23 +85,9 @@ def auto_gguf_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, r
         "layer_plan": {hf.get(name, name): option.name for name, option in plan.items()},
         "layer_bits": dict(Counter(option.name for option in plan.values())),
         "gguf": {**described, "tensor_types": dict(sorted(Counter(types.values()).items()))},
-        "automix": {"budget": variant.budget.model_dump(), "base": "llama-quantize", "candidates": list(variant.candidates),
-                    "selection_windows": int(len(selection)), "selection_tokens": int(selection.size),
-                    "predicted": {name: {kind: round(kld, 8) for kind, kld in found.items()} for name, found in predictions.items()},
-                    "contributions": {name: round(option.kld, 8) for name, option in plan.items()},
-                    "steps": steps, "bits_per_weight": round(plan_bits(plan, weights), 4),
-                    "met_on_selection": variant.budget.max_kld is None or any(step["measured"] <= variant.budget.max_kld for step in steps),
-                    "seconds": round(time.perf_counter() - started, 1)},
+        "automix": automix_record(variant, "llama-quantize", selection, predictions, plan, steps, weights, started, space),
     })
-    write_json_atomic(space.work("automix.json"), details["automix"])
-    for pattern in CARRIED_PATTERNS:
-        for path in info.path.glob(pattern):
-            if path.is_file():
-                shutil.copy2(path, folder / path.name)
-    gguf.write_modelfile(folder, out_file.name, info.path, stop_ids)
-    skipped = {target: (NOT_VERIFIED, "compress builds llama.cpp for the CPU only") for target in recipe.targets if target != "cpu"}
-    return [Artifact(variant.name, variant.method, "gguf", folder, RUNTIME, folder_bytes(folder), gguf_bits(out_file),
-                     details, runnable=folder, skipped=skipped)]
+    return [release_folder(variant, recipe, info, out_file, stop_ids, details)]
 
 
 def _names(plan: dict[str, Option]) -> tuple:
@@ -147,15 +130,16 @@ def _predictions(info: ModelInfo, candidates: dict[str, Path], selection: np.nda
     tensors = _tensors(info.config, next(iter(readers.values())))
     by_name = {kind: {tensor.name: tensor for tensor in reader.tensors} for kind, reader in readers.items()}
 
-    def deltas(layer: str, weight: torch.Tensor, rows: np.ndarray | None) -> dict[str, torch.Tensor]:
+    def deltas(layer: str, weight: torch.Tensor, rows: np.ndarray | None) -> dict[str, torch.Tensor | GgufRows]:
         changes = {}
         for kind, found in by_name.items():
-            tensor = found[tensors[layer]]
-            values = torch.from_numpy(np.asarray(module.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
-            values = values.reshape(-1, values.shape[-1])
-            if rows is not None:
-                values = values[torch.as_tensor(rows)]
-            changes[kind] = (values - weight.float()).half()
+            change = GgufRows(module, found[tensors[layer]], weight)
+            if layer == "lm_head":  # a block of rows at a time, from the memory-mapped file
+                changes[kind] = change
+            elif rows is None:
+                changes[kind] = change[0:change.shape[0]].half()
+            else:
+                changes[kind] = change.take(rows).half()
         return changes
 
     found, _labels = quadratic_klds(info.path, selection, deltas, seed=seed, budget_bytes=hidden_budget,
@@ -166,6 +150,27 @@ def _predictions(info: ModelInfo, candidates: dict[str, Path], selection: np.nda
             total = predictions.setdefault(tensors[layer], {})
             total[kind] = total.get(kind, 0.0) + kld
     return predictions, tensors
+
+
+class GgufRows:
+    """One candidate's change to a matrix, dequantized from its memory-mapped GGUF tensor a block of rows at a
+    time (the head's and the embedding's would be 1.2 GB each in float16 at Phi-4-mini's vocabulary)."""
+
+    def __init__(self, module, tensor, weight: torch.Tensor):
+        self.module, self.tensor, self.weight = module, tensor, weight
+        self.shape = tuple(weight.shape)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start, stop, _ = rows.indices(self.shape[0])
+        return self._values(self.tensor.data[start:stop]) - self.weight[start:stop].float()
+
+    def take(self, rows: np.ndarray) -> torch.Tensor:
+        """The change of the given rows (`weight` holds just those rows)."""
+        return self._values(self.tensor.data[rows]) - self.weight.float()
+
+    def _values(self, data) -> torch.Tensor:
+        values = np.asarray(self.module.quants.dequantize(np.asarray(data), self.tensor.tensor_type), dtype=np.float32)
+        return torch.from_numpy(values.reshape(len(data), -1))
 
 
 def _options(source: Path, candidates: dict[str, Path], predictions: dict[str, dict[str, float]]) -> tuple[dict[str, list[Option]], int]:

@@ -99,13 +99,19 @@ def _gguf_artifact(variant, recipe, info: ModelInfo, samples: np.ndarray, run_di
         types = {layer: {4: variant.quant, 8: "Q8_0"}.get(bits, KEEP) for layer, bits in plan.items()}
         details["layer_plan"] = types
         details["layer_bits"] = {str(kind): count for kind, count in Counter(types.values()).items()}
-        matrix = _importance_matrix(variant, info, samples, run_dir, space, source, threads, budget_bytes, described)
+        matrix = importance_matrix(variant, info, samples, run_dir, space, source, threads, budget_bytes, described)
         quantized = gguf.quantize(source, out_file, variant.quant, per_tensor, output, embedding_type(variant, float_type),
                                   matrix, threads, space.log)
         described.update(quant=variant.quant, fell_back=quantized["fell_back"])
         written = gguf.tensor_types(out_file)
     described["tensor_types"] = dict(sorted(Counter(written.values()).items()))
     details["gguf"] = described
+    return release_folder(variant, recipe, info, out_file, stop_ids, details)
+
+
+def release_folder(variant, recipe, info: ModelInfo, out_file: Path, stop_ids: list[int], details: dict) -> Artifact:
+    """The GGUF file's folder made whole (the tokenizer files, Ollama's Modelfile) and its artifact."""
+    folder = out_file.parent
     for pattern in CARRIED_PATTERNS:
         for path in info.path.glob(pattern):
             if path.is_file():
@@ -116,7 +122,7 @@ def _gguf_artifact(variant, recipe, info: ModelInfo, samples: np.ndarray, run_di
                     details, runnable=folder, skipped=skipped)
 
 
-def _importance_matrix(variant, info: ModelInfo, samples: np.ndarray, run_dir: Path, space: Workspace, source: Path,
+def importance_matrix(variant, info: ModelInfo, samples: np.ndarray, run_dir: Path, space: Workspace, source: Path,
                        threads: int, budget_bytes: int | None, details: dict) -> Path | None:
     """llama-imatrix's file for this run's calibration tokens (computed once, shared by the gguf variants)."""
     if not variant.uses_imatrix:

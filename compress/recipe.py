@@ -270,6 +270,10 @@ class Variant(Strict):
         if not self.formats:
             object.__setattr__(self, "formats", [allowed[0]])
         for index, fmt in enumerate(self.formats):
+            if fmt == "onnx" and self.method == "auto":
+                raise ValueError(f"formats[{index}]: an auto variant's plan gives layers different widths, and the ONNX "
+                                 "builder writes one width for every layer (only the head may be 8-bit); use "
+                                 "compressed-tensors or gguf")
             if fmt not in allowed:
                 raise ValueError(f"formats[{index}]: method {self.method} cannot write {fmt!r}; it writes {', '.join(allowed)}")
         if {"gptq", "awq"} & set(self.formats) and any(rule.bits == 8 for rule in self.layer_overrides()):

@@ -178,7 +178,7 @@ AUTO_BASE = "name: r\nmodel: builtin:tiny-phi4-mini\nvariants:\n  - %s\n"
     ("{name: a, method: auto, budget: {max_kld: 0.1}, group_size: 64}", "takes no group_size"),
     ("{name: a, method: auto, budget: {max_kld: 0}}", "greater than 0"),
     ("{name: a, method: rtn, candidates: [4g128]}", "only auto variants take this option"),
-    ("{name: a, method: auto, budget: {max_kld: 0.1}, formats: [onnx]}", "cannot write 'onnx'"),
+    ("{name: a, method: auto, budget: {max_kld: 0.1}, formats: [onnx]}", "the ONNX builder writes one width for every layer"),
     ("{name: a, method: auto, budget: {max_kld: 0.1}, formats: [gguf, compressed-tensors]}", "writes one format"),
     ("{name: a, method: auto, budget: {max_kld: 0.1}, formats: [gguf], base: rtn}", "takes no base"),
     ("{name: a, method: auto, budget: {max_kld: 0.1}, formats: [gguf], candidates: [Q4_K_M]}", "not a llama.cpp tensor type"),

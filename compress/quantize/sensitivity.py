@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compress.export.repack import dequantize
-from compress.layerwise import HEAD_ROWS, window_logprobs
+from compress.export.repack import dequantize, unpack_compressed_tensors, unpack_int32
+from compress.layerwise import window_logprobs
 from compress.quantize.fisher import quadratic_klds
 from compress.tensors import TensorFolder
 from compress.verify.accuracy import Reference, stack_windows, summarise, window_figures, window_reference
@@ -43,16 +43,39 @@ def candidate_predictions(model_folder: Path, candidates: dict[str, Path], windo
     return predictions
 
 
-def weight_change(tensors: TensorFolder, layer: str, weight: torch.Tensor, rows: int = HEAD_ROWS) -> torch.Tensor:
-    """A compressed-tensors layer's dequantized weights minus `weight` (any float dtype), float16 [out, in],
-    `rows` rows at a time (the head's float32 copies are 2.5 GB each at Phi-4-mini's vocabulary)."""
-    linear = stored_linear(tensors, layer)
-    change = torch.empty(weight.shape, dtype=torch.float16)
-    for row in range(0, weight.shape[0], rows):
-        part = replace(linear, codes=linear.codes[row:row + rows], scales=linear.scales[row:row + rows],
-                       zeros=linear.zeros[row:row + rows])
-        change[row:row + rows] = torch.from_numpy(dequantize(part)) - weight[row:row + rows].float()
-    return change
+def weight_change(tensors: TensorFolder, layer: str, weight: torch.Tensor) -> torch.Tensor | PackedRows:
+    """A compressed-tensors layer's dequantized weights minus `weight`: float16 [out, in] for a decoder layer's
+    linear; for the head, PackedRows that make it a block of rows at a time from the packed codes (seven
+    candidates' float16 changes to Phi-4-mini's head were 8.6 GB, and the sensitivity pass ran out of memory)."""
+    change = PackedRows(tensors, layer, weight)
+    if layer == "lm_head":
+        return change
+    return change[0:weight.shape[0]].half()
+
+
+class PackedRows:
+    """A compressed-tensors matrix, rows [start:stop] at a time in float32: its packed codes held (half a byte per
+    weight at 4 bits), unpacked and dequantized per block, less the original's rows where `weight` is given (one
+    candidate's change to it)."""
+
+    def __init__(self, tensors: TensorFolder, layer: str, weight: torch.Tensor | None = None):
+        self.packed = tensors.array(f"{layer}.weight_packed")
+        rows, self.columns = (int(size) for size in tensors.array(f"{layer}.weight_shape"))
+        self.scale = tensors.array(f"{layer}.weight_scale").reshape(rows, -1)
+        self.bits, self.group = self.packed.shape[1] * 32 // self.columns, self.columns // self.scale.shape[1]
+        zero = f"{layer}.weight_zero_point"
+        # asymmetric zero points are packed across rows: unpacked once ([rows, groups], small)
+        self.zeros = unpack_int32(tensors.array(zero).T, self.bits, rows).T if zero in tensors else None
+        self.weight, self.shape = weight, (rows, self.columns)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start, stop, _ = rows.indices(self.shape[0])
+        linear = unpack_compressed_tensors(self.packed[start:stop], self.scale[start:stop], None, (stop - start, self.columns),
+                                           self.bits, self.group, True)
+        if self.zeros is not None:
+            linear = replace(linear, zeros=np.ascontiguousarray(self.zeros[start:stop]))
+        values = torch.from_numpy(dequantize(linear))
+        return values if self.weight is None else values - self.weight[start:stop].float()
 
 
 def float_reference(model_folder: Path, windows: np.ndarray, budget_bytes: int | None = None,
@@ -80,8 +103,8 @@ def plan_kld(model_folder: Path, plan: dict[str, Path], windows: np.ndarray, bud
                 weight.data = torch.from_numpy(dequantize(stored_linear(folders[path], name))).to(weight.dtype)
         return layer
 
-    def head() -> torch.Tensor:
-        return torch.from_numpy(dequantize(stored_linear(folders[plan["lm_head"]], "lm_head")))
+    def head() -> PackedRows:  # dequantized a block of rows at a time as the logits are computed
+        return PackedRows(folders[plan["lm_head"]], "lm_head")
 
     try:
         return blocks_kld(reference, window_logprobs(model_folder, windows, budget_bytes, spill_dir, each_layer,
