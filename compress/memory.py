@@ -123,13 +123,14 @@ def sensitivity(shapes: Shapes, windows: int, seq_len: int, candidates: int, bud
     """An auto variant's sensitivity pass (compress.quantize.fisher): every layer's inputs kept for the backward
     pass (within the hidden states' share of the budget, the rest on disk) and the gradients; then the larger of
     the head's step (the head as stored, each compressed-tensors candidate's packed head — at most a byte per
-    weight; GGUF candidates are read from their memory-mapped files —, a window's logits and probabilities, a
-    block of rows dequantized) and a decoder layer's (in float32, each candidate's change in float16, one
+    weight; GGUF candidates are read from their memory-mapped files —, a window's logits and probabilities, then
+    every position's head input with a block of rows of each candidate dequantized) and a decoder layer's (in float32, each candidate's change in float16, one
     window's autograd intermediates)."""
     store = windows * seq_len * shapes.hidden * 4
     states = min((shapes.layers + 1) * store, activation_budget(budget)) + 2 * min(store, SPILL_CHUNK)
     packed_heads = 0 if gguf else candidates * shapes.vocab * shapes.hidden
-    head = shapes.table_bytes + packed_heads + 2 * seq_len * shapes.vocab * 4 + 4 * HEAD_BLOCK * (shapes.hidden + seq_len) * 4
+    terms = windows * seq_len * shapes.hidden * 4 + (candidates + 1) * 4096 * shapes.hidden * 4 + 3 * 4096 * 4096 * 4
+    head = shapes.table_bytes + packed_heads + max(2 * seq_len * shapes.vocab * 4, terms)  # fisher.TERM_ROWS, TERM_TOKENS
     layer = (4 + 2 * candidates) * shapes.layer_parameters + 3 * seq_len * (2 * shapes.intermediate + shapes.heads * seq_len) * 4
     return OVERHEAD + states + max(head, layer)
 

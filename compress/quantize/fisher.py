@@ -33,28 +33,19 @@ LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.do
 Deltas = Callable[[str, torch.Tensor, np.ndarray | None], dict[str, torch.Tensor]]
 
 
-def _head_step(model: LayerwiseModel, hidden: torch.Tensor, labels: np.ndarray | None, generator: torch.Generator,
-               head_deltas: dict[str, torch.Tensor], sums: dict[str, float]) -> tuple[torch.Tensor, np.ndarray]:
-    """One window [seq_len, hidden]: sample labels where none are given, add each head candidate's exact
-    second-order term to `sums`, and return d(-log p(labels))/d(hidden) with the labels."""
+def _head_step(model: LayerwiseModel, hidden: torch.Tensor, labels: np.ndarray | None,
+               generator: torch.Generator) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+    """One window [seq_len, hidden]: sample labels where none are given and return d(-log p(labels))/d(hidden),
+    the labels and each position's log-sum-exp of the logits (for _head_terms)."""
     head = model.head_weight()
     hidden = hidden.detach().requires_grad_(True)
     normed = model.final_norm(hidden)
     rows = range(0, head.shape[0], HEAD_ROWS)
     with torch.no_grad():
-        inputs = normed.detach()
-        logits = torch.cat([inputs @ head[row:row + HEAD_ROWS].float().T for row in rows], dim=-1)
+        logits = torch.cat([normed.detach() @ head[row:row + HEAD_ROWS].float().T for row in rows], dim=-1)
+        normalizer = torch.logsumexp(logits, dim=-1)
         probabilities = torch.softmax(logits, dim=-1)
         del logits
-        for name, delta in head_deltas.items():
-            first = torch.zeros(len(inputs))
-            mean = torch.zeros(len(inputs))
-            for row in rows:
-                change = inputs @ delta[row:row + HEAD_ROWS].float().T  # the logits' change [seq, rows]
-                part = probabilities[:, row:row + HEAD_ROWS]
-                first += (part * change * change).sum(-1)
-                mean += (part * change).sum(-1)
-            sums[name] += float((first - mean * mean).sum())
         if labels is None:
             labels = torch.multinomial(probabilities, 1, generator=generator)[:, 0].numpy()
         delta_logits = probabilities  # d(-log p(y))/d(logits) = p - onehot(y), in place
@@ -63,7 +54,34 @@ def _head_step(model: LayerwiseModel, hidden: torch.Tensor, labels: np.ndarray |
         for row in rows:
             grad_normed += delta_logits[:, row:row + HEAD_ROWS] @ head[row:row + HEAD_ROWS].float()
     normed.backward(grad_normed)
-    return hidden.grad.detach(), labels
+    return hidden.grad.detach(), labels, normalizer
+
+
+TERM_ROWS = 4096  # head rows per block in _head_terms: every candidate's block of them in float32 at once
+TERM_TOKENS = 4096  # positions per block in _head_terms
+
+
+def _head_terms(model: LayerwiseModel, hidden, normalizers: torch.Tensor, head_deltas: dict) -> dict[str, float]:
+    """Σ over positions of Σp·δz² − (Σp·δz)², δz = ΔW·x the change of the logits, for each head candidate: the
+    head's rows a block at a time, each candidate's block dequantized once for every position (unpacking it
+    again for each window made this most of a Phi-4-mini-width sensitivity pass)."""
+    head = model.head_weight()
+    with torch.no_grad():
+        inputs = torch.cat([model.final_norm(hidden.read(window, window + 1)[0]) for window in range(hidden.shape[0])])
+        normalizers = normalizers.reshape(-1)
+        first = {name: torch.zeros(len(inputs)) for name in head_deltas}
+        mean = {name: torch.zeros(len(inputs)) for name in head_deltas}
+        for row in range(0, head.shape[0], TERM_ROWS):
+            weight = head[row:row + TERM_ROWS].float()
+            changes = {name: delta[row:row + TERM_ROWS].float() for name, delta in head_deltas.items()}
+            for start in range(0, len(inputs), TERM_TOKENS):
+                x = inputs[start:start + TERM_TOKENS]
+                probabilities = torch.exp(x @ weight.T - normalizers[start:start + TERM_TOKENS, None])
+                for name, change in changes.items():
+                    logits_change = x @ change.T
+                    first[name][start:start + TERM_TOKENS] += (probabilities * logits_change * logits_change).sum(-1)
+                    mean[name][start:start + TERM_TOKENS] += (probabilities * logits_change).sum(-1)
+    return {name: float((first[name] - mean[name] * mean[name]).sum()) for name in head_deltas}
 
 
 def _watch(modules: dict[str, torch.nn.Module]) -> tuple[dict[str, list[torch.Tensor]], list]:
@@ -100,18 +118,18 @@ def quadratic_klds(folder: Path, windows: np.ndarray, deltas: Deltas, labels: np
         for index in range(model.layers):
             stores.append(allocate(count, seq_len, model.hidden_size, share, spill_dir, f"fisher-in-{index + 1}"))
             model.forward(model.layer(index), stores[index], stores[index + 1])
-        head_deltas = deltas("lm_head", model.head_weight(), None) if head else {}
-        head_sums = dict.fromkeys(head_deltas, 0.0)
         grads = allocate(count, seq_len, model.hidden_size, budget_bytes, spill_dir, "fisher-grad-head")
         chosen = np.zeros((count, seq_len), dtype=np.int64)
+        normalizers = torch.zeros(count, seq_len)
         for window in range(count):
             given = None if labels is None else labels[window]
-            grad, chosen[window] = _head_step(model, stores[-1].read(window, window + 1)[0], given, generator, head_deltas, head_sums)
+            grad, chosen[window], normalizers[window] = _head_step(model, stores[-1].read(window, window + 1)[0], given, generator)
             grads.write(window, grad[None])
+        if head and (head_deltas := deltas("lm_head", model.head_weight(), None)):
+            found["lm_head"] = {name: 0.5 * total / tokens
+                                for name, total in _head_terms(model, stores[-1], normalizers, head_deltas).items()}
+            del head_deltas
         stores.pop().delete()
-        if head_sums:
-            found["lm_head"] = {name: 0.5 * total / tokens for name, total in head_sums.items()}
-        del head_deltas
         model.release_head()  # the decoder layers' backward pass needs its memory
         positions = torch.arange(seq_len).unsqueeze(0)
         for index in reversed(range(model.layers)):

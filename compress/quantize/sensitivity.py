@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from compress.export.repack import dequantize, unpack_compressed_tensors, unpack_int32
-from compress.layerwise import window_logprobs
+from compress.layerwise import HEAD_ROWS, window_logprobs
 from compress.quantize.fisher import quadratic_klds
 from compress.tensors import TensorFolder
 from compress.verify.accuracy import Reference, stack_windows, summarise, window_figures, window_reference
@@ -103,8 +103,12 @@ def plan_kld(model_folder: Path, plan: dict[str, Path], windows: np.ndarray, bud
                 weight.data = torch.from_numpy(dequantize(stored_linear(folders[path], name))).to(weight.dtype)
         return layer
 
-    def head() -> PackedRows:  # dequantized a block of rows at a time as the logits are computed
-        return PackedRows(folders[plan["lm_head"]], "lm_head")
+    def head() -> torch.Tensor:  # float32, dequantized a block of rows at a time (its logits are taken many times)
+        rows = PackedRows(folders[plan["lm_head"]], "lm_head")
+        values = torch.empty(rows.shape)
+        for row in range(0, rows.shape[0], HEAD_ROWS):
+            values[row:row + HEAD_ROWS] = rows[row:row + HEAD_ROWS]
+        return values
 
     try:
         return blocks_kld(reference, window_logprobs(model_folder, windows, budget_bytes, spill_dir, each_layer,
