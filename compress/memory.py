@@ -262,7 +262,10 @@ def _onnx_plan(config: dict, variant) -> dict[str, int]:
     from compress.export.onnx_genai import phi3_linear_names
     from compress.quantize.plan import resolve_plan
 
-    return resolve_plan(phi3_linear_names(config), variant.bits, list(variant.ignore), variant.layer_overrides())
+    plan = resolve_plan(phi3_linear_names(config), variant.bits, list(variant.ignore), variant.layer_overrides())
+    if variant.from_ and not variant.asks_float_head and plan["lm_head"] == 16:  # a float head in the source becomes int8
+        plan["lm_head"] = 8
+    return plan
 
 
 def run_estimates(info, recipe, budget: int) -> dict[str, tuple[int, bool]]:
@@ -306,6 +309,13 @@ def run_estimates(info, recipe, budget: int) -> dict[str, tuple[int, bool]]:
             needed = calibration(shapes, method, calibration_set.samples, calibration_set.seq_len, budget,
                                  variant.method == "auto" or variant.quantizes_head)
             stages[f"calibration, {method} (layer by layer)"] = (needed, True)
+        if variant.method == "auto" and variant.formats == ["onnx"]:  # the plan's integers, as GPTQ, into the builder
+            settings = [setting for setting in variant.candidate_settings().values() if setting]
+            bits, group = max(bits for bits, _ in settings), min(group for _, group in settings)
+            stages[f"ONNX build, {variant.name}"] = (onnx_build(shapes, "onnx-int4", False, False), False)
+            head = KEEP if "keep" in variant.candidates else bits  # at most: every layer at the widest candidate
+            stages[f"{variant.name} in onnxruntime-genai"] = (
+                onnx_runtime(predicted_onnx_weights(shapes, bits, group, variant.symmetric, head), shapes, evaluation.seq_len), False)
         if "compressed-tensors" in variant.formats:
             stages["compressed-tensors checks (whole model in transformers)"] = (whole, False)
         for fmt in {"gptq", "awq"} & set(variant.formats):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from compress import memory
@@ -84,6 +85,10 @@ def produce(variant, recipe, info: ModelInfo, samples, run_dir: Path, stamp: str
             from compress.produce_auto_gguf import auto_gguf_artifacts
 
             return auto_gguf_artifacts(variant, recipe, info, samples, run_dir, space, stamp, stop_ids, budget_bytes)
+        if variant.method == "auto" and variant.formats == ["onnx"]:
+            from compress.produce_auto_onnx import auto_onnx_artifacts
+
+            return auto_onnx_artifacts(variant, recipe, info, samples, space, stamp, budget_bytes)
         if variant.method == "auto":
             from compress.produce_auto import auto_artifacts
 
@@ -166,23 +171,54 @@ def _onnx_artifacts(variant, recipe, info: ModelInfo, run_dir: Path, space: Work
                     budget_bytes: int | None) -> list[Artifact]:
     plan = resolve_plan(phi3_linear_names(info.config), variant.bits, list(variant.ignore), variant.layer_overrides())
     details: dict = {"layer_plan": plan, "layer_bits": plan_summary(plan), "log": str(space.log)}
+    carried_head = False
     if variant.from_:
         details["from"] = f"integer weights of {variant.from_} (its saved calibration, repacked to GPTQ v1)"
         calibration = json.loads((run_dir / "work" / variant.from_ / "calibration.json").read_text())
-        kept = {layer: bits for layer, bits in calibration["layer_plan"].items() if bits == KEEP}
-        if plan.get("lm_head") == 8:  # the calibration left the head float; the builder rounds it to int8
-            kept.pop("lm_head", None)
-        plan = {**plan, **kept}
+        carried = calibration["layer_plan"]
+        plan = {**plan, **{layer: bits for layer, bits in carried.items() if layer != "lm_head"}}
+        if carried.get("lm_head", KEEP) != KEEP:  # the source's own integers, carried like every layer
+            plan["lm_head"], carried_head = carried["lm_head"], True
+        elif not variant.asks_float_head:  # the source left the head float: the builder rounds it, to int8 unless told
+            plan["lm_head"] = 8 if plan.get("lm_head", KEEP) == KEEP else plan["lm_head"]
         if "sensitivity" in calibration:  # the same integer weights; the builder's compute type aside
             details["sensitivity"] = calibration["sensitivity"]
+        details["layer_bits"] = plan_summary(plan)
+    details["layer_plan"] = plan
     # int8-dynamic: the builder's fp32 graph streams its weights, quantize_dynamic then holds the graph.
     # A plan that keeps decoder layers float: the builder's GPTQ reader needs every decoder layer quantized,
     # so the builder rounds the float checkpoint itself (and holds it whole: preflight's estimate says so).
     from_float = not variant.from_ and (variant.method == "onnx-int8-dynamic" or keeps_decoder_layers(plan))
-    options = builder_options(variant, plan)
+    options = builder_options(variant, plan, carried_head)
     details["builder_options"] = options
-    artifacts = []
-    needed = memory.onnx_build(memory.Shapes.from_info(info), variant.method, from_float, plan.get("lm_head", KEEP) != KEEP)
+    head_rounded = plan.get("lm_head", KEEP) != KEEP and not carried_head
+    needed = memory.onnx_build(memory.Shapes.from_info(info), variant.method, from_float, head_rounded)
+
+    def source() -> Path:
+        if variant.from_:  # 8-bit layers and a quantized head as the source has them (GPTQ `dynamic`)
+            return write_gptq_v1(calibrated_folder(run_dir, variant.from_), space.work(f"from-{variant.from_}-gptq"), mixed=True)
+        if from_float:
+            return info.path
+        details["from"] = (f"round-to-nearest {ONNX_PRECISION[variant.method]} weights written layer by layer by compress "
+                           "(the builder never loads the float model); the builder rounds only what the folder leaves float")
+        return _rounded_source(variant, info, space, budget_bytes)
+
+    def build(source: Path, folder: Path, target: str, log: Path) -> None:
+        if variant.method == "onnx-int8-dynamic":
+            fp32 = run_builder(source, space.work(f"{_onnx_format(target)}-fp32"), "fp32", target, {"hf_token": "false"},
+                               space.cache, log)
+            quantize_dynamic_int8(fp32, folder, [layer for layer, bits in plan.items() if bits == KEEP])
+        else:
+            run_builder(source, folder, ONNX_PRECISION[variant.method], target, options, space.cache, log)
+
+    return onnx_builds(variant, recipe, space, details, needed, budget_bytes, source, build)
+
+
+def onnx_builds(variant, recipe, space: Workspace, details: dict, needed: int, budget_bytes: int | None,
+                source: Callable[[], Path], build: Callable[[Path, Path, str, Path], None]) -> list[Artifact]:
+    """An ONNX folder per target (`build(source, folder, target, log)`, from the folder `source()` writes once),
+    each verified in onnxruntime-genai; a target whose runtime is missing here, or whose build does not fit
+    `budget_bytes` (`needed`), is reported with why, and with no target left the variant is reported unmade."""
     for target in recipe.targets:
         fmt = _onnx_format(target)
         reason = availability(target, "onnxruntime-genai")
@@ -191,25 +227,12 @@ def _onnx_artifacts(variant, recipe, info: ModelInfo, run_dir: Path, space: Work
         if reason:
             details.setdefault("not_built", {})[fmt] = reason
     buildable = [target for target in recipe.targets if _onnx_format(target) not in details.get("not_built", {})]
-    if not buildable:
-        source = None
-    elif variant.from_:
-        source = write_gptq_v1(calibrated_folder(run_dir, variant.from_), space.work(f"from-{variant.from_}-gptq"))
-    elif from_float:
-        source = info.path
-    else:
-        source = _rounded_source(variant, info, space, budget_bytes)
-        details["from"] = (f"round-to-nearest {ONNX_PRECISION[variant.method]} weights written layer by layer by compress "
-                           "(the builder never loads the float model); the builder rounds only what the folder leaves float")
+    made = source() if buildable else None
+    artifacts = []
     for target in buildable:
         fmt = _onnx_format(target)
         folder = space.staging(fmt)
-        log = space.work(f"{fmt}-builder.log")
-        if variant.method == "onnx-int8-dynamic":
-            fp32 = run_builder(source, space.work(f"{fmt}-fp32"), "fp32", target, {"hf_token": "false"}, space.cache, log)
-            quantize_dynamic_int8(fp32, folder, [layer for layer, bits in plan.items() if bits == KEEP])
-        else:
-            run_builder(source, folder, ONNX_PRECISION[variant.method], target, options, space.cache, log)
+        build(made, folder, target, space.work(f"{fmt}-builder.log"))
         others = {t: (NOT_APPLICABLE, f"built for the {target} provider; see its {_onnx_format(t)} row")
                   for t in recipe.targets if t != target}
         artifacts.append(_artifact(variant, fmt, folder, folder, "onnxruntime-genai", details, others))

@@ -20,6 +20,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,30 @@ from compress.verify.size import checkpoint_bits, folder_bytes
 QUANTIZED_PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 
 
+@dataclass(frozen=True)
+class Chosen:
+    """An auto variant's plan: each layer's candidate, the candidates' calibrated folders, how it was chosen."""
+
+    plan: dict[str, str]
+    candidates: dict[str, Path]
+    details: dict
+
+
 def auto_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, space: Workspace, stamp: str,
                    budget_bytes: int | None) -> list[Artifact]:
+    try:
+        chosen = choose(variant, recipe, info, samples, space, stamp, budget_bytes)
+    except BudgetTooSmall as error:
+        return [unmet(variant, recipe, space, "compressed-tensors", "transformers", error)]
+    folder = space.staging("compressed-tensors")
+    write_mixed(info.path, chosen.plan, chosen.candidates, variant, folder)
+    return [Artifact(variant.name, variant.method, "compressed-tensors", folder, "transformers", folder_bytes(folder),
+                     checkpoint_bits(folder), chosen.details, runnable=folder)]
+
+
+def choose(variant, recipe, info: ModelInfo, samples: np.ndarray, space: Workspace, stamp: str,
+           budget_bytes: int | None) -> Chosen:
+    """Steps 1-3: candidates, predictions on the selection slice, the plan (BudgetTooSmall where none fits)."""
     started = time.perf_counter()
     hidden_budget = None if budget_bytes is None else memory.activation_budget(budget_bytes)
     candidates = _calibrated_candidates(variant, info, samples, space, stamp, budget_bytes)
@@ -54,20 +77,18 @@ def auto_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, space:
         return plan_kld(info.path, {layer: candidates[o.name] for layer, o in plan.items() if o.name != "keep"}, selection,
                         hidden_budget, space.work("activations"), reference)
 
-    try:
-        plan, steps = choose_plan(options, weights, measure, variant.budget.max_kld, variant.budget.max_bits_per_weight)
-    except BudgetTooSmall as error:
-        why = f"no plan of these candidates meets the budget: {error}"
-        return [unmade_artifact(variant, space, "compressed-tensors", "transformers", {"log": str(space.log)},
-                                {target: (FAIL, why) for target in recipe.targets})]
-    folder = space.staging("compressed-tensors")
-    _write_mixed(info.path, {layer: option.name for layer, option in plan.items()}, candidates, variant, folder)
+    plan, steps = choose_plan(options, weights, measure, variant.budget.max_kld, variant.budget.max_bits_per_weight)
     details = {"layer_plan": {layer: option.name for layer, option in plan.items()},
                "layer_bits": dict(Counter(option.name for option in plan.values())),
                "automix": automix_record(variant, variant.base, selection, predictions, plan, steps, weights, started, space),
                "log": str(space.log)}
-    return [Artifact(variant.name, variant.method, "compressed-tensors", folder, "transformers", folder_bytes(folder),
-                     checkpoint_bits(folder), details, runnable=folder)]
+    return Chosen({layer: option.name for layer, option in plan.items()}, candidates, details)
+
+
+def unmet(variant, recipe, space: Workspace, fmt: str, runtime: str, error: BudgetTooSmall) -> Artifact:
+    """The variant reported as failing on every target: no plan of its candidates meets its budget."""
+    why = f"no plan of these candidates meets the budget: {error}"
+    return unmade_artifact(variant, space, fmt, runtime, {"log": str(space.log)}, {target: (FAIL, why) for target in recipe.targets})
 
 
 def reference_on_selection(model_path: Path, selection: np.ndarray, hidden_budget: int | None, space: Workspace, stamp: str,
@@ -168,12 +189,12 @@ def _options(variant, info: ModelInfo, candidates: dict[str, Path],
         out_features, in_features = shapes[layer]
         options[layer] = [Option(name, packed_bytes(out_features, in_features, *settings[name], variant.symmetric, stored), kld)
                           for name, kld in found.items()]
-        if "keep" in settings:
+        if "keep" in settings and (variant.formats != ["onnx"] or layer == "lm_head"):  # ONNX: every decoder layer quantized
             options[layer].append(Option("keep", out_features * in_features * stored, 0.0))
     return options, sum(out_features * in_features for out_features, in_features in shapes.values())
 
 
-def _write_mixed(model_path: Path, plan: dict[str, str], candidates: dict[str, Path], variant, out: Path) -> None:
+def write_mixed(model_path: Path, plan: dict[str, str], candidates: dict[str, Path], variant, out: Path) -> None:
     """A compressed-tensors folder: each planned layer's tensors from its candidate's calibration, every other
     tensor (kept layers, norms, embedding, head) from the float checkpoint, config groups per setting."""
     from compress.export.shards import ShardWriter

@@ -29,7 +29,7 @@ FORMATS_BY_METHOD = {
     "onnx-int8": ("onnx",),
     "onnx-int8-dynamic": ("onnx",),
     "gguf": ("gguf",),
-    "auto": ("compressed-tensors", "gguf"),
+    "auto": ("compressed-tensors", "gguf", "onnx"),
 }
 METHODS = tuple(FORMATS_BY_METHOD)
 ONNX_METHODS = ("onnx-int4", "onnx-int8", "onnx-int8-dynamic")
@@ -44,6 +44,10 @@ GGUF_TYPES = (
 AUTO_BASES = ("gptq", "rtn")  # awq: each setting's own AWQ scales are folded into the norms, so its layers do not mix
 # compressed-tensors' default menu (issue 14's measurements: 3g128, 5g64 and 6g128 beside the rest saved another 5-9%)
 AUTO_CANDIDATES = ("3g64", "3g128", "4g64", "4g128", "5g64", "6g128", "8g128", "keep")
+# ONNX auto variants: MatMulNBits holds 2, 4 and 8 bits in blocks of 16 to 256; every decoder layer is quantized
+# (the builder's GPTQ reader needs them all), keep applies to the head only.
+ONNX_AUTO_CANDIDATES = ("4g32", "4g64", "4g128", "8g128", "keep")
+ONNX_BLOCKS = (16, 32, 64, 128, 256)
 # GGUF auto variants choose each tensor's llama.cpp type: block types llama-quantize writes whole (--pure).
 GGUF_AUTO_CANDIDATES = ("Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "keep")
 GGUF_TENSOR_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -129,7 +133,8 @@ class Gates(Strict):
 
 # Options only some methods take: (fields) -> (those methods, who they are in the error sentence).
 METHOD_OPTIONS = {
-    ("accuracy_level", "algorithm"): (ONNX_METHODS, "ONNX methods"),
+    ("algorithm",): (ONNX_METHODS, "ONNX methods"),
+    ("accuracy_level",): ((*ONNX_METHODS, "auto"), "ONNX methods and auto variants writing onnx"),
     ("quant", "imatrix"): (("gguf",), "gguf variants"),
     ("budget", "base", "candidates", "selection"): (("auto",), "auto variants"),
 }
@@ -225,6 +230,14 @@ class Variant(Strict):
 
         return self.calibrated and resolve_plan(["lm_head"], self.bits, list(self.ignore), self.layer_overrides())["lm_head"] != KEEP
 
+    @property
+    def asks_float_head(self) -> bool:
+        """Whether this variant's own settings keep lm_head in floating point (the default ignore list aside)."""
+        from compress.quantize.plan import KEEP, resolve_plan
+
+        explicit = "ignore" in self.model_fields_set or any(re.search(rule.match, "lm_head") for rule in self.layer_overrides())
+        return explicit and resolve_plan(["lm_head"], self.bits, list(self.ignore), self.layer_overrides())["lm_head"] == KEEP
+
     def layer_overrides(self) -> list[Override]:
         """The variant's own overrides, then its preset's: first match wins."""
         return list(self.overrides) + [Override(**rule) for rule in PRESETS.get(self.preset or "", [])]
@@ -270,10 +283,6 @@ class Variant(Strict):
         if not self.formats:
             object.__setattr__(self, "formats", [allowed[0]])
         for index, fmt in enumerate(self.formats):
-            if fmt == "onnx" and self.method == "auto":
-                raise ValueError(f"formats[{index}]: an auto variant's plan gives layers different widths, and the ONNX "
-                                 "builder writes one width for every layer (only the head may be 8-bit); use "
-                                 "compressed-tensors or gguf")
             if fmt not in allowed:
                 raise ValueError(f"formats[{index}]: method {self.method} cannot write {fmt!r}; it writes {', '.join(allowed)}")
         if {"gptq", "awq"} & set(self.formats) and any(rule.bits == 8 for rule in self.layer_overrides()):
@@ -334,9 +343,13 @@ class Variant(Strict):
             object.__setattr__(self, "ignore", [])
         if len(self.formats) > 1:
             raise ValueError("formats: an auto variant writes one format; give each format an auto variant of its own")
+        if "accuracy_level" in self.model_fields_set and self.formats != ["onnx"]:
+            raise ValueError("accuracy_level: only an auto variant writing onnx (MatMulNBits' compute type) takes it")
         if self.formats == ["gguf"]:
             self._check_gguf_auto()
             return
+        if self.formats == ["onnx"]:
+            self._check_onnx_auto()
         if self.base not in AUTO_BASES:
             why = " (each setting's AWQ scales are folded into the norms, so layers of different settings do not mix)" \
                 if self.base.startswith("awq") else ""
@@ -349,6 +362,18 @@ class Variant(Strict):
                 raise ValueError(f"candidates[{index}]: group size {match['group']} {problem}")
         if len(set(self.candidates) - {"keep"}) < 1 or len(set(self.candidates)) != len(self.candidates):
             raise ValueError("candidates: list each setting once, at least one besides keep")
+
+    def _check_onnx_auto(self) -> None:
+        if "candidates" not in self.model_fields_set:
+            object.__setattr__(self, "candidates", list(ONNX_AUTO_CANDIDATES))
+        for index, name in enumerate(self.candidates):
+            match = CANDIDATE.match(name)
+            if match and name != "keep" and (int(match["bits"]) not in (2, 4, 8) or int(match["group"]) not in ONNX_BLOCKS):
+                raise ValueError(f"candidates[{index}]: onnxruntime's MatMulNBits holds 2-, 4- or 8-bit weights in blocks of "
+                                 f"{', '.join(map(str, ONNX_BLOCKS))}, not {name}")
+        if any(pattern not in ("lm_head", "re:^lm_head$") for pattern in self.ignore):
+            raise ValueError("ignore: an auto variant writing onnx quantizes every decoder layer (the ONNX builder reads "
+                             "a quantized folder only whole); only lm_head may be ignored")
 
     def _check_gguf_auto(self) -> None:
         if "base" in self.model_fields_set:
@@ -433,9 +458,9 @@ class Recipe(Strict):
                 where = ("variants", index, "from")
                 if source is None:
                     raise LocatedError(where, f"no earlier variant is named {variant.from_!r}")
-                if source.quantizes_head:
+                if source.quantizes_head and variant.method == "gguf":
                     raise LocatedError(where, f"{variant.from_!r} quantizes lm_head, and only a float head is carried into "
-                                              f"{'GGUF' if variant.method == 'gguf' else 'ONNX'}; give it ignore: [lm_head]")
+                                              "GGUF; give it ignore: [lm_head]")
                 if variant.method == "gguf":
                     if reason := _gguf_source_problem(source):
                         raise LocatedError(where, f"{variant.from_!r} cannot go into GGUF blocks exactly: {reason}")
@@ -444,8 +469,9 @@ class Recipe(Strict):
                 if source.method not in CALIBRATED_METHODS or source.bits != 4:
                     raise LocatedError(where, f"{variant.from_!r} is {source.method} at {source.bits} bits; "
                                               "only 4-bit gptq, awq or rtn weights can go into an ONNX int4 graph")
-                if any(rule.bits == 8 for rule in source.layer_overrides()):
-                    raise LocatedError(where, "8-bit layer overrides cannot be carried into an ONNX int4 graph")
+                if source.quantizes_head and variant.asks_float_head:
+                    raise LocatedError(where, f"{variant.from_!r} quantizes lm_head and its ONNX graph carries that head; "
+                                              "drop ignore: [lm_head] here, or give the source ignore: [lm_head]")
             earlier[variant.name] = variant
         return self
 

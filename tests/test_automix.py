@@ -178,7 +178,11 @@ AUTO_BASE = "name: r\nmodel: builtin:tiny-phi4-mini\nvariants:\n  - %s\n"
     ("{name: a, method: auto, budget: {max_kld: 0.1}, group_size: 64}", "takes no group_size"),
     ("{name: a, method: auto, budget: {max_kld: 0}}", "greater than 0"),
     ("{name: a, method: rtn, candidates: [4g128]}", "only auto variants take this option"),
-    ("{name: a, method: auto, budget: {max_kld: 0.1}, formats: [onnx]}", "the ONNX builder writes one width for every layer"),
+    ("{name: a, method: auto, budget: {max_kld: 0.1}, formats: [onnx], candidates: [3g64, 4g128]}",
+     "MatMulNBits holds 2-, 4- or 8-bit weights in blocks of 16, 32, 64, 128, 256, not 3g64"),
+    ("{name: a, method: auto, budget: {max_kld: 0.1}, formats: [onnx], candidates: [4g512]}", "not 4g512"),
+    ("{name: a, method: auto, budget: {max_kld: 0.1}, formats: [onnx], ignore: [down_proj]}", "only lm_head may be ignored"),
+    ("{name: a, method: auto, budget: {max_kld: 0.1}, accuracy_level: 1}", "only an auto variant writing onnx"),
     ("{name: a, method: auto, budget: {max_kld: 0.1}, formats: [gguf, compressed-tensors]}", "writes one format"),
     ("{name: a, method: auto, budget: {max_kld: 0.1}, formats: [gguf], base: rtn}", "takes no base"),
     ("{name: a, method: auto, budget: {max_kld: 0.1}, formats: [gguf], candidates: [Q4_K_M]}", "not a llama.cpp tensor type"),
@@ -201,6 +205,7 @@ variants:
   - {name: uniform, method: rtn, bits: 4, group_size: 128}
   - {name: auto, method: auto, base: rtn, budget: {max_kld: 0.015}}
   - {name: auto-small, method: auto, base: rtn, budget: {max_bits_per_weight: 4.5}}
+  - {name: auto-onnx, method: auto, base: rtn, formats: [onnx], candidates: [4g64, 4g128, 8g128, keep], budget: {max_kld: 0.015}}
 """
 
 
@@ -233,6 +238,36 @@ def test_auto_variant_meets_its_budget_on_held_out_text_and_loads_as_a_mixed_fol
     settings = {name for name in auto["layer_plan"].values() if name != "keep"}
     assert len(config["config_groups"]) == len(settings)
     assert "plan for max KLD 0.015" in (out / "report.md").read_text()
+    assert_onnx_plan(out, report)
+
+
+def assert_onnx_plan(out, report):
+    """The ONNX auto variant: every MatMulNBits at its planned width and block (decoder layers never kept), the
+    budget met in onnxruntime-genai on the evaluation windows."""
+    import onnx
+    from conftest import entry
+
+    auto = entry(report, "auto-onnx", "onnx")
+    assert auto["released"], auto["not_released_because"]
+    held_out = auto["targets"]["cpu"]["metrics"]
+    assert held_out["kld"] <= 0.015 + 2 * held_out["kld_se"]
+    graph = onnx.load(str(out / "release" / "auto-onnx" / "onnx" / "model.onnx"), load_external_data=False).graph
+    nodes = {node.name: {a.name: a.i for a in node.attribute} for node in graph.node if node.op_type == "MatMulNBits"}
+    plan = auto["layer_plan"]
+    assert all(choice != "keep" for layer, choice in plan.items() if layer != "lm_head")
+    assert len(set(plan.values())) > 1
+    for layer, choice in plan.items():
+        if layer == "lm_head" and choice == "keep":
+            assert "/lm_head/MatMulNBits" not in nodes
+            continue
+        bits, group = (int(part) for part in choice.split("g"))
+        node = "/lm_head/MatMulNBits" if layer == "lm_head" else \
+            f"/model/layers.{layer.split('.')[2]}/{'attn' if 'attn' in layer else 'mlp'}/{layer.rsplit('.', 1)[1]}/MatMulNBits"
+        if node.endswith("gate_up_proj/MatMulNBits"):
+            node = node.replace("gate_up_proj", "gate_proj")  # the builder splits the fused projection
+        assert (nodes[node]["bits"], nodes[node]["block_size"]) == (bits, group), layer
+    print("auto-onnx", held_out["kld"], auto["quantized_layer_bits"], auto["automix"]["bits_per_weight"])
+    assert auto["quantized_layer_bits"] == pytest.approx(auto["automix"]["bits_per_weight"], rel=0.1)
 
 
 def test_a_matrix_of_budgets_gives_one_auto_variant_per_budget():

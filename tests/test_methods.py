@@ -137,9 +137,10 @@ evaluation: {seq_len: 128, windows: 8, new_tokens: 8}
 gates: {max_kld: 0.1, min_top1: 0.8}
 variants:
   - {name: awq-asym, method: awq, symmetric: false, n_grid: 5, formats: [compressed-tensors, awq]}
-  - {name: gptq-safe, method: gptq, preset: phi4-safe}
+  - {name: gptq-safe, method: gptq, preset: phi4-safe, ignore: []}
   - {name: onnx-int4-awq, method: onnx-int4, from: awq-asym, symmetric: false}
-  - {name: onnx-int4-awq-head8, method: onnx-int4, from: awq-asym, symmetric: false, ignore: [], overrides: [{match: lm_head, bits: 8}]}
+  - {name: onnx-int4-awq-float-head, method: onnx-int4, from: awq-asym, symmetric: false, ignore: [lm_head]}
+  - {name: onnx-int4-safe, method: onnx-int4, from: gptq-safe}
   - {name: onnx-int4-mixed, method: onnx-int4, ignore: [], overrides: [{match: lm_head, bits: 8}, {match: down_proj, bits: skip}]}
   - {name: onnx-int8-dynamic, method: onnx-int8-dynamic}
 """
@@ -161,20 +162,38 @@ def test_awq_folder_and_awq_weights_in_onnx(more):
 
 
 def test_carried_weights_with_the_head_rounded_to_int8_by_the_builder(more):
-    """A `from:` variant may round the head its calibrated source left float to int8: a smaller graph (and,
-    at Phi-4-mini's vocabulary, 6 GiB to verify instead of 10.6) with the carried layers' KLD kept."""
+    """A `from:` variant rounds the head its calibrated source left float to int8 unless asked to keep it float:
+    a smaller graph (and, at Phi-4-mini's vocabulary, 6 GiB to verify instead of 10.6) with the carried layers'
+    KLD kept."""
     import onnx
 
     out, report = more
-    graph = onnx.load(str(out / "release" / "onnx-int4-awq-head8" / "onnx" / "model.onnx"), load_external_data=False).graph
+    graph = onnx.load(str(out / "release" / "onnx-int4-awq" / "onnx" / "model.onnx"), load_external_data=False).graph
     head = [node for node in graph.node if node.op_type == "MatMulNBits" and "lm_head" in node.name]
     assert [attribute.i for node in head for attribute in node.attribute if attribute.name == "bits"] == [8]
-    float_head = entry(report, "onnx-int4-awq", "onnx")
-    int8_head = entry(report, "onnx-int4-awq-head8", "onnx")
+    float_head = entry(report, "onnx-int4-awq-float-head", "onnx")
+    int8_head = entry(report, "onnx-int4-awq", "onnx")
     assert int8_head["size_bytes"] < float_head["size_bytes"]
-    assert int8_head["layer_plan"]["lm_head"] == 8 and "awq-asym" in int8_head["from"]
-    kld, carried = cpu(report, "onnx-int4-awq-head8", "onnx")["kld"], cpu(report, "onnx-int4-awq", "onnx")["kld"]
+    assert int8_head["layer_plan"]["lm_head"] == 8 and float_head["layer_plan"]["lm_head"] == 16
+    kld, carried = cpu(report, "onnx-int4-awq", "onnx")["kld"], cpu(report, "onnx-int4-awq-float-head", "onnx")["kld"]
     assert abs(kld - carried) < 0.005  # int8 rounding of the head moves KLD by little
+
+
+def test_carried_8bit_layers_and_calibrated_head_keep_their_widths_in_onnx(more):
+    """`from:` a plan of 4- and 8-bit layers with a GPTQ-calibrated 8-bit head: every layer reaches MatMulNBits
+    at its own width with the source's integers (the GPTQ folder's `dynamic` overrides), so the graph's KLD is the
+    source's own."""
+    import onnx
+
+    out, report = more
+    graph = onnx.load(str(out / "release" / "onnx-int4-safe" / "onnx" / "model.onnx"), load_external_data=False).graph
+    bits = {node.name: next(a.i for a in node.attribute if a.name == "bits") for node in graph.node if node.op_type == "MatMulNBits"}
+    assert bits["/lm_head/MatMulNBits"] == 8 and bits["/model/layers.0/mlp/down_proj/MatMulNBits"] == 8
+    assert bits["/model/layers.0/attn/qkv_proj/MatMulNBits"] == 4
+    carried = entry(report, "onnx-int4-safe", "onnx")
+    assert "matmul_mixed_precision" not in carried["builder_options"]  # the head's integers are the source's
+    source_kld = cpu(report, "gptq-safe", "compressed-tensors")["kld"]
+    assert cpu(report, "onnx-int4-safe", "onnx")["kld"] == pytest.approx(source_kld, rel=0.1, abs=5e-4)
 
 
 def test_layer_plans_reach_the_manifest_and_the_report(more):

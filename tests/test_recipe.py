@@ -110,9 +110,9 @@ METHOD_MISTAKES = [
     ("from 8-bit", "  - {name: b, method: gptq, bits: 8}\n  - {name: a, method: onnx-int4, from: b}",
      "only 4-bit gptq, awq or rtn weights can go into an ONNX int4 graph"),
     ("from on gptq", "  - {name: a, method: gptq, from: x}", "variants[0]: from: only onnx-int4 and gguf can carry an earlier variant's weights, not gptq"),
-    ("from int8 head, head calibrated", "  - {name: b, method: gptq, ignore: []}\n"
-     "  - {name: a, method: onnx-int4, from: b, ignore: [], overrides: [{match: lm_head, bits: 8}]}",
-     "variants[1].from: 'b' quantizes lm_head, and only a float head is carried into ONNX; give it ignore: [lm_head]"),
+    ("from a quantized head, kept float", "  - {name: b, method: gptq, ignore: []}\n"
+     "  - {name: a, method: onnx-int4, from: b, ignore: [lm_head]}",
+     "variants[1].from: 'b' quantizes lm_head and its ONNX graph carries that head; drop ignore: [lm_head] here"),
     ("gguf from a quantized head", "  - {name: b, method: rtn, ignore: []}\n  - {name: a, method: gguf, from: b}",
      "variants[1].from: 'b' quantizes lm_head, and only a float head is carried into GGUF; give it ignore: [lm_head]"),
     ("gptq folder quantized head", "  - {name: a, method: gptq, ignore: [], formats: [compressed-tensors, gptq]}",

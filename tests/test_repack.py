@@ -380,18 +380,19 @@ def fp16_scale_copy(ct_folder: Path, out: Path) -> Path:
     import shutil
 
     shutil.copytree(ct_folder, out)
-    tensors = load_file(ct_folder / "model.safetensors")
-    rounded = {k: v.half().to(v.dtype) if k.endswith(".weight_scale") else v for k, v in tensors.items()}
-    save_file(rounded, out / "model.safetensors", metadata={"format": "pt"})
+    for shard in ct_folder.glob("*.safetensors"):
+        tensors = load_file(shard)
+        rounded = {k: v.half().to(v.dtype) if k.endswith(".weight_scale") else v for k, v in tensors.items()}
+        save_file(rounded, out / shard.name, metadata={"format": "pt"})
     return out
 
 
-def build_onnx(folder: Path, out: Path) -> Path:
+def build_onnx(folder: Path, out: Path, exclude: str = "/lm_head/MatMul,/model/embed_tokens/Gather") -> Path:
+    # exclude: keep the tied embedding and head in float: -p int4 would round them with the builder's own RTN
     command = [
         sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out),
         "-p", "int4", "-e", "cpu", "-c", str(out.parent / "builder-cache"),
-        # keep the tied embedding and head in float: -p int4 would round them with the builder's own RTN
-        "--extra_options", "accuracy_level=1", "nodes_to_exclude=/lm_head/MatMul,/model/embed_tokens/Gather",
+        "--extra_options", "accuracy_level=1", *([f"nodes_to_exclude={exclude}"] if exclude else []),
     ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=out.parent, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -426,10 +427,12 @@ def torch_logits_and_tokens(ct_folder: Path, window: np.ndarray, prompt: np.ndar
     return logits, sequence[0, len(prompt):].tolist()
 
 
-def assert_onnx_matches(ct_folder: Path, converted: Path, tmp_path: Path) -> None:
+def assert_onnx_matches(ct_folder: Path, converted: Path, tmp_path: Path, built: bool = False) -> None:
+    """`converted`'s ONNX build (`built`: `converted` is one already) against `ct_folder` in transformers."""
     window = tiny_tokens("builtin:pydoc-eval", 128, 2)[0]
     prompt = window[:16]
-    onnx_logits, onnx_tokens = onnx_logits_and_tokens(build_onnx(converted, tmp_path / "onnx"), window, prompt, 8)
+    onnx_folder = converted if built else build_onnx(converted, tmp_path / "onnx")
+    onnx_logits, onnx_tokens = onnx_logits_and_tokens(onnx_folder, window, prompt, 8)
     exact_logits, exact_tokens = torch_logits_and_tokens(fp16_scale_copy(ct_folder, tmp_path / "ct16"), window, prompt, 8)
     original_logits, _ = torch_logits_and_tokens(ct_folder, window, prompt, 8)
     scale = np.abs(exact_logits).max()
@@ -485,3 +488,47 @@ def test_unpack_reads_compressed_tensors_dense_packing(bits):
     values = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (5, 96), dtype=torch.int8, generator=torch.Generator().manual_seed(bits))
     unpacked = unpack_int32(pack_to_int32(values, bits).numpy(), bits, 96).astype(np.int32) - (1 << (bits - 1))
     assert np.array_equal(unpacked, values.numpy())
+
+
+@pytest.mark.slow
+def test_mixed_gptq_v1_folder_builds_onnx_with_the_same_logits(tmp_path):
+    """An auto variant's plan in ONNX: layers at 4 bits g32 and 8 bits g128, the head at 8 bits, in one GPTQ
+    folder (`dynamic` overrides), built by the builder into MatMulNBits of each layer's own width and block."""
+    import onnx
+
+    from compress.produce_auto import write_mixed
+    from compress.quantize.streaming import calibrate_streaming
+    from compress.recipe import Variant
+
+    candidates = {}
+    for name, bits, group_size in (("4g32", 4, 32), ("8g128", 8, 128)):
+        variant = Variant(name=name, method="rtn", bits=bits, group_size=group_size, ignore=[])
+        calibrate_streaming(TINY, variant, None, tmp_path / name, tmp_path / "activations")
+        candidates[name] = tmp_path / name
+    plan = {layer: "8g128" if layer.endswith(("down_proj", "layers.1.self_attn.o_proj")) else "4g32"
+            for layer in _linear_modules(tmp_path / "4g32")}
+    plan["lm_head"] = "8g128"
+    auto = Variant(name="auto", method="auto", budget={"max_kld": 1.0}, base="rtn", candidates=["4g32", "8g128"])
+    write_mixed(TINY, plan, candidates, auto, tmp_path / "ct")
+    gptq = write_gptq_v1(tmp_path / "ct", tmp_path / "gptq", mixed=True)
+    config = json.loads((gptq / "config.json").read_text())["quantization_config"]
+    assert (config["bits"], config["group_size"]) == (4, 32)
+    assert config["dynamic"]["+:lm_head\\."] == {"bits": 8, "group_size": 128}
+    assert len(config["dynamic"]) == 1 + sum(choice == "8g128" for layer, choice in plan.items() if layer != "lm_head")
+    onnx_folder = build_onnx(gptq, tmp_path / "onnx", exclude="")
+    model = onnx.load(str(onnx_folder / "model.onnx"), load_external_data=False)
+    widths = {node.name: {a.name: a.i for a in node.attribute if a.name in ("bits", "block_size")}
+              for node in model.graph.node if node.op_type == "MatMulNBits"}
+    assert widths["/lm_head/MatMulNBits"] == {"bits": 8, "block_size": 128}
+    assert widths["/model/layers.0/mlp/down_proj/MatMulNBits"] == {"bits": 8, "block_size": 128}
+    assert widths["/model/layers.0/attn/o_proj/MatMulNBits"] == {"bits": 4, "block_size": 32}
+    print({name: width for name, width in widths.items()})
+    assert_onnx_matches(tmp_path / "ct", onnx_folder, tmp_path, built=True)
+
+
+def _linear_modules(folder: Path) -> list[str]:
+    from compress.tensors import TensorFolder
+
+    with TensorFolder(folder) as tensors:
+        return [name.removesuffix(".weight_packed") for name in tensors.keys()
+                if name.endswith(".weight_packed") and name.startswith("model.layers.")]

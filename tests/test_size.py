@@ -55,14 +55,17 @@ def test_onnx_matmulnbits_and_matmulinteger_count_every_stored_byte():
         "v_scale": (N, N * 4),
         "v_zero_point": (N, N),
         "norm": (K, K * 4),
+        "head": (K * N, K * N * 4),  # a layer kept float32
     }
     nodes = [("MatMulNBits", ["x", "w_Q4", "w_scales"], {"K": K, "N": N, "bits": 4, "block_size": block}),
-             ("MatMulInteger", ["xq", "v_quantized", "x_zp", "v_zero_point"], {})]
+             ("MatMulInteger", ["xq", "v_quantized", "x_zp", "v_zero_point"], {}),
+             ("SimplifiedLayerNormalization", ["h", "norm"], {}), ("MatMul", ["h", "head"], {})]
     figures = onnx_bits_per_weight(initializers, nodes)
     quantized_bytes = N * K // 2 + N * K // block * 2 + K * N + N * 4 + N
     assert figures["quantized_weights"] == 2 * K * N
     assert figures["bits_per_weight"] == 8 * quantized_bytes / (2 * K * N)
-    assert figures["bits_per_weight_all"] == 8 * (quantized_bytes + K * 4) / (2 * K * N + K)
+    assert figures["bits_per_weight_all"] == 8 * (quantized_bytes + K * 4 + K * N * 4) / (3 * K * N + K)
+    assert figures["quantized_layer_bits"] == 8 * (quantized_bytes + K * N * 4) / (3 * K * N)  # the norm is no layer
 
 
 def test_sqnr_hand_cases():

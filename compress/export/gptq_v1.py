@@ -7,7 +7,9 @@ GPTQ weights reach ONNX without being rounded again. The folder walking here is 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +39,37 @@ class Scheme:
 
 def read_scheme(ct_folder: Path) -> Scheme:
     """The one integer weight-only scheme a compressed-tensors folder uses; refuses anything else."""
-    config = json.loads((ct_folder / "config.json").read_text())
+    schemes = set(_group_schemes(ct_folder).values())
+    if len(schemes) != 1:
+        raise ValueError(f"{ct_folder} uses {len(schemes)} weight schemes; GPTQ and AWQ folders hold exactly one")
+    return schemes.pop()
+
+
+def read_layer_schemes(ct_folder: Path) -> dict[str, Scheme]:
+    """{module: its scheme} for every quantized Linear of a compressed-tensors folder whose config groups name
+    their layers (`re:^<module>$`, as mixed-precision folders here write them); a folder of one scheme for
+    every Linear maps each of its modules to that scheme."""
+    groups = _group_schemes(ct_folder)
+    config = json.loads((Path(ct_folder) / "config.json").read_text())["quantization_config"]["config_groups"]
+    with TensorFolder(Path(ct_folder)) as folder:
+        modules = [name.removesuffix(".weight_packed") for name in folder.keys() if name.endswith(".weight_packed")]
+    found = {}
+    for module in modules:
+        matching = [name for name, group in config.items()
+                    if any(target == "Linear" or (target.startswith("re:") and re.fullmatch(target[3:], module))
+                           for target in group.get("targets", []))]
+        if len({groups[name] for name in matching}) != 1:
+            raise ValueError(f"{module}: {len(matching)} config groups of {ct_folder} target it; it needs exactly one scheme")
+        found[module] = groups[matching[0]]
+    return found
+
+
+def _group_schemes(ct_folder: Path) -> dict[str, Scheme]:
+    config = json.loads((Path(ct_folder) / "config.json").read_text())
     quantization = config.get("quantization_config") or {}
     if quantization.get("quant_method") != "compressed-tensors":
         raise ValueError(f"{ct_folder} is not a compressed-tensors checkpoint (quant_method {quantization.get('quant_method')!r})")
-    schemes = set()
+    schemes = {}
     for name, group in (quantization.get("config_groups") or {}).items():
         weights = group.get("weights") or {}
         if group.get("format", quantization.get("format")) != "pack-quantized" or weights.get("type") != "int":
@@ -54,10 +82,8 @@ def read_scheme(ct_folder: Path) -> Scheme:
         if strategy not in ("group", "channel"):
             raise ValueError(f"config group {name} uses the {strategy!r} strategy; only group and channel can be repacked")
         group_size = -1 if strategy == "channel" else int(weights["group_size"])
-        schemes.add(Scheme(int(weights["num_bits"]), group_size, bool(weights["symmetric"])))
-    if len(schemes) != 1:
-        raise ValueError(f"{ct_folder} uses {len(schemes)} weight schemes; GPTQ and AWQ folders hold exactly one")
-    return schemes.pop()
+        schemes[name] = Scheme(int(weights["num_bits"]), group_size, bool(weights["symmetric"]))
+    return schemes
 
 
 def _layer(folder: TensorFolder, module: str, scheme: Scheme) -> QuantizedLinear:
@@ -74,9 +100,10 @@ def _layer(folder: TensorFolder, module: str, scheme: Scheme) -> QuantizedLinear
 
 
 def repack_folder(ct_folder: Path, out: Path, pack: Callable[[QuantizedLinear], dict[str, np.ndarray]],
-                  quantization_config: dict, scheme: Scheme) -> Path:
-    """Write `out`: every quantized Linear as `pack` lays it out, every other tensor unchanged, config.json
-    with `quantization_config`, and the tokenizer and generation files. Shards keep their names."""
+                  quantization_config: dict, scheme: Scheme | dict[str, Scheme]) -> Path:
+    """Write `out`: every quantized Linear as `pack` lays it out (`scheme`: the folder's one scheme, or each
+    module's), every other tensor unchanged, config.json with `quantization_config`, and the tokenizer and
+    generation files. Shards keep their names."""
     import torch
     from safetensors.torch import save_file
 
@@ -103,7 +130,7 @@ def repack_folder(ct_folder: Path, out: Path, pack: Callable[[QuantizedLinear], 
             if module not in modules or part not in LAYER_PARTS:  # bias and unquantized tensors
                 tensors[name] = folder.tensor(name)
             elif part == "weight_packed":
-                packed = pack(_layer(folder, module, scheme))
+                packed = pack(_layer(folder, module, scheme if isinstance(scheme, Scheme) else scheme[module]))
                 tensors.update({f"{module}.{key}": torch.from_numpy(value) for key, value in packed.items()})
         save_file(tensors, out / file, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, file))
@@ -132,15 +159,33 @@ def require_groups(scheme: Scheme, fmt: str) -> None:
         )
 
 
-def write_gptq_v1(ct_folder: Path, out: Path) -> Path:
-    """Convert a compressed-tensors folder into an AutoGPTQ v1 folder (`quant_method: gptq`)."""
-    scheme = read_scheme(Path(ct_folder))
+def write_gptq_v1(ct_folder: Path, out: Path, mixed: bool = False) -> Path:
+    """Convert a compressed-tensors folder into an AutoGPTQ v1 folder (`quant_method: gptq`).
+
+    mixed: layers of several widths and group sizes (an auto variant's plan, a quantized head among them) go
+    into one folder, the most common setting as the folder's and the others under `dynamic` (GPTQModel's
+    per-module overrides, `+:<regex>` -> {bits, group_size}), which the ONNX GenAI builder reads per tensor.
+    """
+    if not mixed:
+        scheme = read_scheme(Path(ct_folder))
+        _check_gptq(scheme)
+        config = {"quant_method": "gptq", "bits": scheme.bits, "group_size": scheme.group_size,
+                  "desc_act": False, "sym": scheme.symmetric, "checkpoint_format": "gptq"}
+        return repack_folder(ct_folder, out, pack_gptq_v1, config, scheme)
+    schemes = read_layer_schemes(Path(ct_folder))
+    for scheme in set(schemes.values()):
+        _check_gptq(scheme)
+    if len({scheme.symmetric for scheme in schemes.values()}) != 1:
+        raise ValueError(f"{ct_folder} mixes symmetric and asymmetric layers; a GPTQ folder has one `sym`")
+    common = Counter(scheme for module, scheme in schemes.items() if module != "lm_head").most_common(1)[0][0]
+    dynamic = {f"+:{re.escape(module)}\\.": {"bits": scheme.bits, "group_size": scheme.group_size}
+               for module, scheme in sorted(schemes.items()) if scheme != common}
+    config = {"quant_method": "gptq", "bits": common.bits, "group_size": common.group_size, "desc_act": False,
+              "sym": common.symmetric, "checkpoint_format": "gptq", "dynamic": dynamic}
+    return repack_folder(ct_folder, out, pack_gptq_v1, config, schemes)
+
+
+def _check_gptq(scheme: Scheme) -> None:
     if scheme.bits not in GPTQ_BITS:
         raise ValueError(f"AutoGPTQ v1 folders hold {', '.join(map(str, GPTQ_BITS))}-bit weights, not {scheme.bits}-bit")
     require_groups(scheme, "AutoGPTQ v1")
-    config = {
-        "quant_method": "gptq", "bits": scheme.bits, "group_size": scheme.group_size,
-        "desc_act": False, "sym": scheme.symmetric, "checkpoint_format": "gptq",
-    }
-    return repack_folder(ct_folder, out, pack_gptq_v1, config, scheme)
-

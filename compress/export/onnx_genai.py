@@ -66,8 +66,9 @@ def excluded_nodes(plan: dict[str, int]) -> list[str]:
     return nodes
 
 
-def builder_options(variant, plan: dict[str, int], exact: bool = False) -> dict[str, str]:
-    """--extra_options for a variant and its layer plan (16 = keep in floating point; lm_head 8 = int8)."""
+def builder_options(variant, plan: dict[str, int], carried_head: bool = False, exact: bool = False) -> dict[str, str]:
+    """--extra_options for a variant and its layer plan (16 = keep in floating point; lm_head 8 = the builder
+    rounds a float head to int8, unless `carried_head`: the source folder holds the head's integers)."""
     options = {"block_size": str(variant.group_size), "is_symmetric": str(variant.symmetric).lower(),
                "algo_config": variant.algorithm, "hf_token": "false"}
     level = 1 if exact else variant.accuracy_level
@@ -75,7 +76,7 @@ def builder_options(variant, plan: dict[str, int], exact: bool = False) -> dict[
         options["accuracy_level"] = str(level)
     if excluded := excluded_nodes(plan):
         options["nodes_to_exclude"] = ",".join(excluded)
-    if plan.get("lm_head") == 8:
+    if plan.get("lm_head") == 8 and not carried_head:
         options["matmul_mixed_precision"] = "last_matmul:int8"
         # Builder 0.18 with algo_config=default and an int8 last MatMul writes a graph whose lm_head input
         # (weight_Q8G<block>) does not exist, so the model fails to load. `default` is RTN under another node

@@ -104,6 +104,7 @@ def onnx_bits_per_weight(initializers: dict[str, tuple[int, int]], nodes: list[t
     quantize_dynamic (int8 B with its `_scale` / `_zero_point`) and GatherBlockQuantized (embeddings).
     """
     quantized_weights = quantized_bytes = 0
+    linear_weights = linear_bytes = 0  # the linear layers and the head, quantized or float (quantized-layer bits)
     counted: set[str] = set()
 
     def take(names) -> int:
@@ -113,13 +114,18 @@ def onnx_bits_per_weight(initializers: dict[str, tuple[int, int]], nodes: list[t
 
     for op_type, inputs, attributes in nodes:
         if op_type == "MatMulNBits":
-            quantized_weights += int(attributes["K"]) * int(attributes["N"])
-            quantized_bytes += take(inputs[1:5])
+            weights, size = int(attributes["K"]) * int(attributes["N"]), take(inputs[1:5])
+            quantized_weights, quantized_bytes = quantized_weights + weights, quantized_bytes + size
+            linear_weights, linear_bytes = linear_weights + weights, linear_bytes + size
         elif op_type == "MatMulInteger" and len(inputs) > 1 and inputs[1] in initializers:
             weight = inputs[1]
             base = weight.removesuffix("_quantized")
-            quantized_weights += initializers[weight][0]
-            quantized_bytes += take([weight, base + "_scale", base + "_zero_point", *inputs[3:4]])
+            weights, size = initializers[weight][0], take([weight, base + "_scale", base + "_zero_point", *inputs[3:4]])
+            quantized_weights, quantized_bytes = quantized_weights + weights, quantized_bytes + size
+            linear_weights, linear_bytes = linear_weights + weights, linear_bytes + size
+        elif op_type == "MatMul" and len(inputs) > 1 and inputs[1] in initializers and inputs[1] not in counted:
+            linear_weights += initializers[inputs[1]][0]  # a layer kept float; counted with the other parameters too
+            linear_bytes += initializers[inputs[1]][1]
         elif op_type == "GatherBlockQuantized" and inputs[0] in initializers:
             bits = int(attributes.get("bits", 4))
             quantized_weights += initializers[inputs[0]][1] * 8 // bits
@@ -131,6 +137,7 @@ def onnx_bits_per_weight(initializers: dict[str, tuple[int, int]], nodes: list[t
         "bits_per_weight": 8 * quantized_bytes / quantized_weights if quantized_weights else float("nan"),
         "bits_per_weight_all": 8 * (quantized_bytes + other_bytes) / total if total else float("nan"),
         "quantized_weights": float(quantized_weights),
+        "quantized_layer_bits": 8 * linear_bytes / linear_weights if linear_weights else float("nan"),
     }
 
 
