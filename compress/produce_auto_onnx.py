@@ -39,7 +39,7 @@ def auto_onnx_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, s
     if excluded := excluded_nodes(bits):  # a float head (and then the embedding, which the builder would round)
         options["nodes_to_exclude"] = ",".join(excluded)
     details = {**chosen.details, "builder_options": options,
-               "from": "the plan's calibrated integers (a GPTQ v1 folder, each layer's width and group under `dynamic`)"}
+               "from": "calibrated integers of its plan (a GPTQ v1 folder, each layer's width and group under `dynamic`)"}
     needed = memory.onnx_build(memory.Shapes.from_info(info), "onnx-int4", head_rounded=False)
 
     def source() -> Path:
