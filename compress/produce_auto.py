@@ -134,15 +134,21 @@ def _calibrated_candidates(variant, info: ModelInfo, samples: np.ndarray, space:
 def _predictions(info: ModelInfo, candidates: dict[str, Path], selection: np.ndarray, seed: int,
                  hidden_budget: int | None, space: Workspace, stamp: str) -> dict[str, dict[str, float]]:
     """candidate_predictions, kept beside the candidates for auto variants of the same candidates and selection."""
-    key = hashlib.sha256(json.dumps([sorted(candidates), seed]).encode() + selection.tobytes()).hexdigest()[:16]
-    saved = candidates_folder(space.run_dir, stamp) / f"predictions-{key}.json"
+    return shared_json(space.run_dir, stamp, "predictions", [sorted(candidates), seed], selection, lambda: candidate_predictions(
+        info.path, candidates, selection, seed=seed, budget_bytes=hidden_budget, spill_dir=space.work("activations")))
+
+
+def shared_json(run_dir: Path, stamp: str, kind: str, inputs: list, selection: np.ndarray, compute):
+    """compute(), kept as json beside the candidates of `stamp` under the inputs and selection it came from, and
+    read back by every auto variant that asks for it again (a matrix of budgets computes it once)."""
+    key = hashlib.sha256(json.dumps(inputs).encode() + selection.tobytes()).hexdigest()[:16]
+    saved = candidates_folder(run_dir, stamp) / f"{kind}-{key}.json"
     if saved.is_file():
         return json.loads(saved.read_text())
     saved.parent.mkdir(parents=True, exist_ok=True)
-    predictions = candidate_predictions(info.path, candidates, selection, seed=seed, budget_bytes=hidden_budget,
-                                        spill_dir=space.work("activations"))
-    write_json_atomic(saved, predictions)
-    return predictions
+    value = compute()
+    write_json_atomic(saved, value)
+    return value
 
 
 def automix_record(variant, base: str, selection: np.ndarray, predictions: dict[str, dict[str, float]],

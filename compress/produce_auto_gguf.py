@@ -28,7 +28,13 @@ from compress.export import gguf
 from compress.export.onnx_genai import phi3_linear_names
 from compress.model import ModelInfo
 from compress.produce import Workspace, unmade_artifact
-from compress.produce_auto import automix_record, candidates_folder, reference_on_selection, selection_slice
+from compress.produce_auto import (
+    automix_record,
+    candidates_folder,
+    reference_on_selection,
+    selection_slice,
+    shared_json,
+)
 from compress.produce_gguf import RUNTIME, float_gguf, float_outtype, importance_matrix, release_folder
 from compress.quantize.automix import BudgetTooSmall, Option, choose_plan
 from compress.quantize.fisher import quadratic_klds
@@ -54,7 +60,9 @@ def auto_gguf_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, r
         matrix = importance_matrix(variant, info, samples, run_dir, space, source, threads, budget_bytes, described)
         candidates = _candidate_files(variant, source, matrix, candidates_folder(run_dir, stamp), threads, space.log)
         selection = selection_slice(recipe, variant, info)
-        predictions, tensors = _predictions(info, candidates, selection, recipe.calibration.seed, hidden_budget, space)
+        predictions, tensors = shared_json(
+            run_dir, stamp, "gguf-predictions", [sorted(path.name for path in candidates.values()), recipe.calibration.seed],
+            selection, lambda: _predictions(info, candidates, selection, recipe.calibration.seed, hidden_budget, space))
         options, weights = _options(source, candidates, predictions)
         reference = reference_on_selection(info.path, selection, hidden_budget, space, stamp, recipe.evaluation.top_k)
         keep = float_outtype(info)

@@ -312,3 +312,4 @@ def test_a_gguf_auto_variant_writes_each_tensors_chosen_type_and_meets_its_budge
     assert all(written[name] == kind for name, kind in planned.items())
     assert auto["quantized_layer_bits"] == pytest.approx(automix["bits_per_weight"], abs=1e-3)
     assert "token_embd.weight" not in {name for name, kind in written.items() if kind == "F32"}  # the tied table chosen too
+    assert len(list((out / "work" / "auto-candidates").glob("*/gguf-predictions-*.json"))) == 1  # kept for other budgets
