@@ -26,8 +26,9 @@ import torch
 
 from compress.activations import allocate
 from compress.layerwise import HEAD_ROWS, LayerwiseModel
+from compress.model import PHI3_LINEARS
 
-LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+LINEARS = PHI3_LINEARS["attention"] + PHI3_LINEARS["mlp"]
 # deltas(name, its weight as stored or in float32, the rows of it given or None for all) -> {candidate: those
 # rows of its weight minus the original's, float16 [rows, in]}
 Deltas = Callable[[str, torch.Tensor, np.ndarray | None], dict[str, torch.Tensor]]
