@@ -133,9 +133,24 @@ def _calibrated_candidates(variant, info: ModelInfo, samples: np.ndarray, space:
 
 def _predictions(info: ModelInfo, candidates: dict[str, Path], selection: np.ndarray, seed: int,
                  hidden_budget: int | None, space: Workspace, stamp: str) -> dict[str, dict[str, float]]:
-    """candidate_predictions, kept beside the candidates for auto variants of the same candidates and selection."""
-    return shared_json(space.run_dir, stamp, "predictions", [sorted(candidates), seed], selection, lambda: candidate_predictions(
-        info.path, candidates, selection, seed=seed, budget_bytes=hidden_budget, spill_dir=space.work("activations")))
+    """candidate_predictions, kept beside the candidates per candidate: each candidate's terms depend only on it,
+    the float model, the selection and the seed (which samples the labels), so auto variants with other menus
+    of the same candidates (an ONNX one beside a compressed-tensors one) compute only the candidates not seen yet."""
+    key = hashlib.sha256(json.dumps(seed).encode() + selection.tobytes()).hexdigest()[:16]
+    saved = candidates_folder(space.run_dir, stamp) / f"predictions-{key}.json"
+    known: dict[str, dict[str, float]] = json.loads(saved.read_text()) if saved.is_file() else {}  # {candidate: {layer: kld}}
+    if missing := {name: path for name, path in candidates.items() if name not in known}:
+        found = candidate_predictions(info.path, missing, selection, seed=seed, budget_bytes=hidden_budget,
+                                      spill_dir=space.work("activations"))
+        for name in missing:
+            known[name] = {layer: by_candidate[name] for layer, by_candidate in found.items() if name in by_candidate}
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(saved, known)
+    predictions: dict[str, dict[str, float]] = {}
+    for name in candidates:
+        for layer, kld in known[name].items():
+            predictions.setdefault(layer, {})[name] = kld
+    return predictions
 
 
 def shared_json(run_dir: Path, stamp: str, kind: str, inputs: list, selection: np.ndarray, compute):

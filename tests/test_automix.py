@@ -163,6 +163,27 @@ def test_predicted_kld_of_uniform_and_mixed_plans_matches_measured_under_rtn(tmp
                                 reference=reference)
         predicted = sum(option.kld for option in plan.values())
         assert predicted <= budget and abs(predicted - measured) < 0.1 * measured and measured < budget + 2 * se
+    assert_predictions_kept_per_candidate(tiny, candidates, selection, predictions, tmp_path)
+
+
+def assert_predictions_kept_per_candidate(tiny, candidates, selection, together, tmp_path):
+    """Each candidate's terms depend on it alone: computed one menu at a time and kept per candidate, they equal
+    those of every candidate computed together, and a menu of candidates seen before computes nothing."""
+    from compress.model import inspect_model
+    from compress.produce import Workspace
+    from compress.produce_auto import _predictions
+
+    info, space = inspect_model(str(tiny)), Workspace(tmp_path / "run", "auto")
+    first = _predictions(info, {"3g64": candidates["3g64"]}, selection, 0, None, space, "stamp")
+    both = _predictions(info, {k: candidates[k] for k in ("4g128", "3g64")}, selection, 0, None, space, "stamp")
+    for layer, found in together.items():
+        assert first[layer] == {"3g64": pytest.approx(found["3g64"], rel=1e-6)}
+        assert both[layer] == pytest.approx({k: found[k] for k in ("4g128", "3g64")}, rel=1e-6)
+    saved = next((tmp_path / "run" / "work" / "auto-candidates").glob("*/predictions-*.json"))
+    before = saved.read_bytes()
+    assert _predictions(info, {"4g128": candidates["4g128"]}, selection, 0, None, space, "stamp") == \
+        {layer: {"4g128": found["4g128"]} for layer, found in both.items()}
+    assert saved.read_bytes() == before
 
 
 AUTO_BASE = "name: r\nmodel: builtin:tiny-phi4-mini\nvariants:\n  - %s\n"

@@ -1,5 +1,5 @@
-"""bf16 and fp16 checkpoints, as Microsoft publishes Phi-4: every method and format, `compress verify` and
-resume, through the CLI, on half-precision copies of the embedded model.
+"""bf16 and fp16 checkpoints, as Microsoft publishes Phi-4: every method and format (an auto variant's plan in
+ONNX among them), `compress verify` and resume, through the CLI, on half-precision copies of the embedded model.
 
 Every other test uses the embedded fp32 model; a bf16 checkpoint once crashed the run in the per-layer
 sensitivity step (safetensors' numpy reader has no bfloat16).
@@ -43,11 +43,12 @@ variants:
   - {{name: onnx-int8-dynamic, method: onnx-int8-dynamic}}
   - {{name: gguf-q4km, method: gguf, quant: Q4_K_M}}
   - {{name: gguf-gptq, method: gguf, from: gptq}}
+  - {{name: auto-onnx, method: auto, base: rtn, formats: [onnx], candidates: [4g64, 8g128, keep], budget: {{max_kld: 0.05}}}}
 """
 ROWS = [("rtn", "compressed-tensors"), ("rtn", "awq"), ("gptq", "compressed-tensors"), ("gptq", "gptq"),
         ("awq", "compressed-tensors"), ("awq-gptq", "compressed-tensors"), ("onnx-int4", "onnx"),
         ("onnx-int4-gptq", "onnx"), ("onnx-int8", "onnx"), ("onnx-int8-dynamic", "onnx"), ("gguf-q4km", "gguf"),
-        ("gguf-gptq", "gguf")]
+        ("gguf-gptq", "gguf"), ("auto-onnx", "onnx")]
 # fp16 takes the same code paths as bf16 but for the dtype itself: a smaller set keeps `make test` short.
 FP16_VARIANTS = ("rtn", "gptq", "onnx-int4-gptq", "gguf-gptq")
 
