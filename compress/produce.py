@@ -21,6 +21,7 @@ from compress.export.onnx_genai import (
     phi3_linear_names,
     quantize_dynamic_int8,
     run_builder,
+    tie_table_to_head,
 )
 from compress.model import ModelInfo
 from compress.quantize.awq_search import SCALES_FILE, save_scales
@@ -190,13 +191,19 @@ def _onnx_artifacts(variant, recipe, info: ModelInfo, run_dir: Path, space: Work
     # so the builder rounds the float checkpoint itself (and holds it whole: preflight's estimate says so).
     from_float = not variant.from_ and (variant.method == "onnx-int8-dynamic" or keeps_decoder_layers(plan))
     options = builder_options(variant, plan, carried_head)
+    tie = carried_head and bool(info.config.get("tie_word_embeddings"))
+    if tie:  # the embedding gathers from the carried head's integers, as from a head the builder rounds
+        options["shared_embeddings"] = "true"
     details["builder_options"] = options
     head_rounded = plan.get("lm_head", KEEP) != KEEP and not carried_head
     needed = memory.onnx_build(memory.Shapes.from_info(info), variant.method, from_float, head_rounded)
 
     def source() -> Path:
         if variant.from_:  # 8-bit layers and a quantized head as the source has them (GPTQ `dynamic`)
-            return write_gptq_v1(calibrated_folder(run_dir, variant.from_), space.work(f"from-{variant.from_}-gptq"), mixed=True)
+            folder = write_gptq_v1(calibrated_folder(run_dir, variant.from_), space.work(f"from-{variant.from_}-gptq"), mixed=True)
+            if tie:
+                tie_table_to_head(folder)
+            return folder
         if from_float:
             return info.path
         details["from"] = (f"round-to-nearest {ONNX_PRECISION[variant.method]} weights written layer by layer by compress "

@@ -192,6 +192,9 @@ def test_carried_8bit_layers_and_calibrated_head_keep_their_widths_in_onnx(more)
     assert bits["/model/layers.0/attn/qkv_proj/MatMulNBits"] == 4
     carried = entry(report, "onnx-int4-safe", "onnx")
     assert "matmul_mixed_precision" not in carried["builder_options"]  # the head's integers are the source's
+    gather = next(node for node in graph.node if "embed_tokens" in node.name and node.op_type.startswith("Gather"))
+    assert gather.op_type == "GatherBlockQuantized"  # the tied table: the head's integers, no float32 copy
+    assert not any("embed_tokens.weight" in tensor.name for tensor in graph.initializer)
     source_kld = cpu(report, "gptq-safe", "compressed-tensors")["kld"]
     assert cpu(report, "onnx-int4-safe", "onnx")["kld"] == pytest.approx(source_kld, rel=0.1, abs=5e-4)
 

@@ -522,8 +522,41 @@ def test_mixed_gptq_v1_folder_builds_onnx_with_the_same_logits(tmp_path):
     assert widths["/lm_head/MatMulNBits"] == {"bits": 8, "block_size": 128}
     assert widths["/model/layers.0/mlp/down_proj/MatMulNBits"] == {"bits": 8, "block_size": 128}
     assert widths["/model/layers.0/attn/o_proj/MatMulNBits"] == {"bits": 4, "block_size": 32}
-    print({name: width for name, width in widths.items()})
     assert_onnx_matches(tmp_path / "ct", onnx_folder, tmp_path, built=True)
+    assert_tied_table_gathers_the_heads_integers(gptq, tmp_path)
+
+
+def assert_tied_table_gathers_the_heads_integers(gptq: Path, tmp_path: Path) -> None:
+    """The embedded model is tied: tied again, the graph gathers embedding rows from the head's 8-bit integers
+    (no float32 table of its own), exactly the dequantized head's rows."""
+    import shutil
+
+    import onnx
+    from transformers import AutoModelForCausalLM
+
+    from compress.export.onnx_genai import run_builder, tie_table_to_head
+    from compress.quantize.sensitivity import PackedRows
+    from compress.tensors import TensorFolder
+
+    tied = shutil.copytree(gptq, tmp_path / "gptq-tied")
+    tie_table_to_head(tied)
+    onnx_folder = run_builder(tied, tmp_path / "onnx-tied", "int4", "cpu", {"accuracy_level": "1", "shared_embeddings": "true"},
+                              tmp_path / "cache", tmp_path / "tied.log")
+    graph = onnx.load(str(onnx_folder / "model.onnx"), load_external_data=False).graph
+    gather = next(node for node in graph.node if node.op_type == "GatherBlockQuantized")
+    assert "lm_head.MatMulNBits.scales" in gather.input[2] and not any("embed_tokens.weight" in i.name for i in graph.initializer)
+    window = tiny_tokens("builtin:pydoc-eval", 128, 2)[0]
+    onnx_logits, _ = onnx_logits_and_tokens(onnx_folder, window, window[:4], 1)
+    model = AutoModelForCausalLM.from_pretrained(fp16_scale_copy(tmp_path / "ct", tmp_path / "ct16-tied"), dtype=torch.float32,
+                                                 local_files_only=True)
+    with torch.no_grad():
+        with TensorFolder(tmp_path / "ct16-tied") as tensors:  # the dequantized head (fp16 scales)
+            rows = PackedRows(tensors, "lm_head")
+            model.model.embed_tokens.weight.copy_(rows[0:rows.shape[0]])
+        exact = model(torch.from_numpy(window)[None]).logits[0].numpy()
+    difference = np.abs(onnx_logits - exact).max() / np.abs(exact).max()
+    print(f"tied table: max |logit diff| / max |logit| {difference:.2e}")
+    assert difference < 1e-5
 
 
 def _linear_modules(folder: Path) -> list[str]:

@@ -116,6 +116,8 @@ def run_builder(source: Path, out: Path, precision: str, target: str, options: d
     if completed.returncode != 0 or not (out / "genai_config.json").is_file():
         lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
         raise ExportError(f"the ONNX builder failed: {lines[-1] if lines else completed.returncode} (log: {log})")
+    if options.get("shared_embeddings") == "true":
+        reshape_shared_table_parameters(out)
     let_onnxruntime_choose_threads(out / "genai_config.json")
     return out
 
@@ -151,3 +153,64 @@ def quantize_dynamic_int8(fp32_folder: Path, out: Path, excluded_layers: list[st
         if (fp32_folder / name).is_file():
             shutil.copy2(fp32_folder / name, out / name)
     return out
+
+
+def tie_table_to_head(folder: Path) -> None:
+    """Make a GPTQ folder whose quantized head came untied from a tied model tied again: no embedding table of its
+    own (the builder then gathers embedding rows from the head's integers, `shared_embeddings`, as it does for
+    heads it rounds itself) instead of a float32 copy of the table in the graph (2.5 GB at Phi-4-mini's vocabulary)."""
+    from safetensors.torch import save_file
+
+    from compress.tensors import TensorFolder
+
+    name = "model.embed_tokens.weight"
+    with TensorFolder(folder) as tensors:
+        if name not in tensors or "lm_head.qweight" not in tensors:
+            raise ValueError(f"{folder} has no embedding table and quantized head to tie")
+        shard = tensors.file_of(name)
+        kept = {key: tensors.tensor(key) for key in tensors.keys() if key != name and tensors.file_of(key) == shard}
+    save_file(kept, shard, metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"].pop(name, None)
+        index.write_text(json.dumps(data, indent=2) + "\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def reshape_shared_table_parameters(folder: Path) -> bool:
+    """Make a graph whose embedding gathers from a pre-quantized head loadable: builder 0.18 hands
+    GatherBlockQuantized the head's MatMulNBits scales and zero points as they are, flat ([N·blocks]), and
+    onnxruntime refuses them ("scales must have the same rank as data"); a Reshape to [N, ·] before the gather
+    is all they need. Only model.onnx changes (the weights stay in their external file). -> whether any did."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    path = folder / "model.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    ranks = {tensor.name: len(tensor.dims) for tensor in graph.initializer}
+    heads = {node.input[2]: node for node in graph.node if node.op_type == "MatMulNBits" and len(node.input) > 2}
+    nodes = []
+    for node in graph.node:
+        if node.op_type == "GatherBlockQuantized" and ranks.get(node.input[2]) == 1 and node.input[2] in heads:
+            rows = next(attribute.i for attribute in heads[node.input[2]].attribute if attribute.name == "N")
+            for position in range(2, min(len(node.input), 4)):
+                if not node.input[position] or ranks.get(node.input[position]) != 1:
+                    continue
+                shape = f"{node.name}/shape_{position}"
+                graph.initializer.append(numpy_helper.from_array(np.array([rows, -1], dtype=np.int64), shape))
+                reshaped = f"{node.input[position]}/per_row"
+                nodes.append(helper.make_node("Reshape", [node.input[position], shape], [reshaped],
+                                              name=f"{node.name}/Reshape_{position}"))
+                node.input[position] = reshaped
+        nodes.append(node)
+    if len(nodes) == len(graph.node):
+        return False
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(path))
+    return True
