@@ -191,8 +191,8 @@ def _onnx_artifacts(variant, recipe, info: ModelInfo, run_dir: Path, space: Work
     # so the builder rounds the float checkpoint itself (and holds it whole: preflight's estimate says so).
     from_float = not variant.from_ and (variant.method == "onnx-int8-dynamic" or keeps_decoder_layers(plan))
     options = builder_options(variant, plan, carried_head)
-    tie = carried_head and bool(info.config.get("tie_word_embeddings"))
-    if tie:  # the embedding gathers from the carried head's integers, as from a head the builder rounds
+    tie = carried_head and plan["lm_head"] == 8 and bool(info.config.get("tie_word_embeddings"))
+    if tie:  # the embedding gathers from the carried 8-bit head's integers, as from a head the builder rounds
         options["shared_embeddings"] = "true"
     details["builder_options"] = options
     head_rounded = plan.get("lm_head", KEEP) != KEEP and not carried_head

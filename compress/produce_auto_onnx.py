@@ -38,8 +38,8 @@ def auto_onnx_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, s
     options = {"accuracy_level": str(variant.accuracy_level), "hf_token": "false"}
     if excluded := excluded_nodes(bits):  # a float head (and then the embedding, which the builder would round)
         options["nodes_to_exclude"] = ",".join(excluded)
-    tie = bits.get("lm_head", KEEP) != KEEP and bool(info.config.get("tie_word_embeddings"))
-    if tie:  # the embedding gathers from the head's integers, not from a float32 copy of the table
+    tie = bits.get("lm_head") == 8 and bool(info.config.get("tie_word_embeddings"))
+    if tie:  # the embedding gathers from the 8-bit head's integers, not from a float32 copy of the table
         options["shared_embeddings"] = "true"
     details = {**chosen.details, "builder_options": options,
                "from": "calibrated integers of its plan (a GPTQ v1 folder, each layer's width and group under `dynamic`)"}
