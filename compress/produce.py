@@ -196,7 +196,7 @@ def _onnx_artifacts(variant, recipe, info: ModelInfo, run_dir: Path, space: Work
         options["shared_embeddings"] = "true"
     details["builder_options"] = options
     head_rounded = plan.get("lm_head", KEEP) != KEEP and not carried_head
-    needed = memory.onnx_build(memory.Shapes.from_info(info), variant.method, from_float, head_rounded)
+    needed = memory.onnx_build(memory.Shapes.from_info(info), variant.method, from_float, head_rounded, carried_head)
 
     def source() -> Path:
         if variant.from_:  # 8-bit layers and a quantized head as the source has them (GPTQ `dynamic`)

@@ -43,7 +43,8 @@ def auto_onnx_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, s
         options["shared_embeddings"] = "true"
     details = {**chosen.details, "builder_options": options,
                "from": "calibrated integers of its plan (a GPTQ v1 folder, each layer's width and group under `dynamic`)"}
-    needed = memory.onnx_build(memory.Shapes.from_info(info), "onnx-int4", head_rounded=False)
+    needed = memory.onnx_build(memory.Shapes.from_info(info), "onnx-int4", head_rounded=False,
+                               head_carried=bits.get("lm_head", KEEP) != KEEP)
 
     def source() -> Path:
         mixed = space.work("mixed")
