@@ -227,10 +227,11 @@ def onnx_build(shapes: Shapes, method: str, from_float: bool = False, head_round
     and 3.5 for int4 while rounded slices waited for the garbage collector). From the float checkpoint it
     casts every weight to float32 in one in-memory graph (~5.3 bytes per parameter) plus the head's rounding;
     int8 also keeps a float32 embedding table. int8-dynamic holds the builder's float32 graph while
-    quantize_dynamic rewrites it. A quantized head carried in the folder (`head_carried`) is unpacked and repacked
-    whole by the builder's GPTQ reader: 10.2 GiB peak at Phi-4-mini's width (2 layers, 8-bit head, 2026-12-04),
-    about 15 bytes per head weight beside the tables (estimate 10.4 GiB)."""
-    from compress.export.builder_stream import SLICE_BYTES
+    quantize_dynamic rewrites it. A quantized head carried in the folder (`head_carried`): its packed codes and
+    their MatMulNBits repacking held (up to 8 bits each), the builder's repack working on 16,384 outputs at a time
+    (~15 bytes a weight; whole, it took 10.2 GiB at Phi-4-mini's width; in blocks 2.3 GiB, 2 layers, 8-bit head,
+    2026-12-04)."""
+    from compress.export.builder_stream import REPACK_COLUMNS, SLICE_BYTES
 
     head = 4 * shapes.vocab * shapes.hidden
     if method == "onnx-int8-dynamic":
@@ -240,7 +241,7 @@ def onnx_build(shapes: Shapes, method: str, from_float: bool = False, head_round
     tables = shapes.table_bytes * (1 if shapes.tied else 2)
     layers = tables + 7 * shapes.layer_parameters
     rounding = 2 * shapes.vocab * shapes.hidden + 5 * SLICE_BYTES if head_rounded else 0
-    carried = tables + 15 * shapes.vocab * shapes.hidden if head_carried else 0
+    carried = tables + 2 * shapes.vocab * shapes.hidden + 15 * shapes.hidden * REPACK_COLUMNS if head_carried else 0
     return OVERHEAD + max(layers, rounding, carried)
 
 

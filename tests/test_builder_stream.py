@@ -65,6 +65,14 @@ def test_layer_by_layer_builder_writes_the_builders_own_graph(tmp_path, monkeypa
     variant = Variant(name="r", method="rtn", bits=bits, group_size=32, ignore=["lm_head"])
     calibrate_streaming(source, variant, None, tmp_path / "ct", tmp_path / "work")
     folder = write_gptq_v1(tmp_path / "ct", tmp_path / "gptq")
+    plain = assert_both_builders_write_the_same(folder, precision, options, tmp_path)
+    assert any(node[0] == "MatMulNBits" for node in plain[0].values())
+    # A tied table at 8 bits stays out of the rounding pass (which would leave it as it is after copying it).
+    assert ("Not rounding /model/embed_tokens/Gather" in (tmp_path / "builder_stream.log").read_text()) == (tied and bits == 8)
+
+
+def assert_both_builders_write_the_same(folder, precision, options, tmp_path):
+    """Build `folder` with the builder as released and through builder_stream: the same nodes and bytes."""
     options = {**options, "hf_token": "false"}
     built = {}
     for builder in (PLAIN_BUILDER, STREAMING_BUILDER):
@@ -76,10 +84,24 @@ def test_layer_by_layer_builder_writes_the_builders_own_graph(tmp_path, monkeypa
     assert streamed[0] == plain[0]  # nodes: type, inputs, outputs, attributes
     assert streamed[1] == plain[1]  # initializers: dtype, shape, bytes
     assert streamed[2] == plain[2]
-    assert any(node[0] == "MatMulNBits" for node in plain[0].values())
     assert not list((tmp_path / "cache").glob("initializers-*.bin"))  # the spill file is gone
-    # A tied table at 8 bits stays out of the rounding pass (which would leave it as it is after copying it).
-    assert ("Not rounding /model/embed_tokens/Gather" in (tmp_path / "builder_stream.log").read_text()) == (tied and bits == 8)
+    return plain
+
+
+def test_a_carried_head_repacked_in_blocks_of_columns_is_the_builders_own(tmp_path, monkeypatch):
+    """A GPTQ-quantized 8-bit head carried into the graph (and serving as the tied table) is repacked 1024 of its
+    4096 outputs at a time by builder_stream: the same MatMulNBits bytes as the builder's whole-matrix repack."""
+    from compress.export.onnx_genai import tie_table_to_head
+
+    monkeypatch.setenv("COMPRESS_BUILDER_REPACK_COLUMNS", "1024")
+    variant = Variant(name="r", method="rtn", bits=4, group_size=32, ignore=[], overrides=[{"match": "lm_head", "bits": 8}])
+    calibrate_streaming(BUILTIN_MODELS["tiny-phi4-mini"], variant, None, tmp_path / "ct", tmp_path / "work")
+    folder = write_gptq_v1(tmp_path / "ct", tmp_path / "gptq", mixed=True)
+    tie_table_to_head(folder)
+    plain = assert_both_builders_write_the_same(folder, "int4", {"accuracy_level": "4", "shared_embeddings": "true"}, tmp_path)
+    assert plain[1]["lm_head.MatMulNBits.qweight"][1] == (4096, 4, 32)  # 8-bit, 4 blocks of 32 bytes per row
+    assert "Repacking 4096 outputs 1024 at a time" in (tmp_path / "builder_stream.log").read_text()
+    assert plain[0]["/model/embed_tokens/GatherBlockQuantized"][0] == "GatherBlockQuantized"
 
 
 def test_spill_reads_back_what_it_kept(tmp_path, monkeypatch):

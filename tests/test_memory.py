@@ -35,11 +35,10 @@ def test_layer_by_layer_estimates_do_not_grow_with_depth_and_whole_model_ones_do
         assert memory.onnx_build(shallow, "onnx-int4", False, head_rounded) == memory.onnx_build(deep, "onnx-int4", False, head_rounded)
         assert memory.onnx_build(deep, "onnx-int4", False, head_rounded) < 8 * memory.GIB
     assert memory.onnx_build(deep, "onnx-int4", True) > 50 * memory.GIB
-    # A quantized head carried in the folder is repacked whole by the builder's reader (10.2 GiB measured at
-    # Phi-4-mini's width): more than rounding a float head in slices, and still independent of depth.
+    # A quantized head carried in the folder is repacked a block of outputs at a time (2.3 GiB measured at
+    # Phi-4-mini's width, 10.2 whole): independent of depth, and within a 16 GB machine at Phi-4's width.
     carried = memory.onnx_build(deep, "onnx-int4", False, False, head_carried=True)
-    assert carried == memory.onnx_build(shallow, "onnx-int4", False, False, head_carried=True)
-    assert carried > memory.onnx_build(deep, "onnx-int4", False, True) + 4 * memory.GIB
+    assert carried == memory.onnx_build(shallow, "onnx-int4", False, False, head_carried=True) < 8 * memory.GIB
     # 256 × 2048 calibration tokens of hidden 5120 are 10 GiB per store: spilled, so only chunks count.
     assert memory.calibration(deep, "gptq", 256, 2048, budget) < memory.calibration(deep, "gptq", 256, 2048, 100 * memory.GIB)
 
