@@ -262,20 +262,10 @@ def describe(needed: int, budget: int) -> str:
     return f"needs {needed / GIB:.1f} GiB, {budget / GIB:.1f} GiB available"
 
 
-def _onnx_plan(config: dict, variant) -> dict[str, int]:
-    """A variant's layer plan, as produce resolves it."""
-    from compress.export.onnx_genai import phi3_linear_names
-    from compress.quantize.plan import resolve_plan
-
-    plan = resolve_plan(phi3_linear_names(config), variant.bits, list(variant.ignore), variant.layer_overrides())
-    if variant.from_ and not variant.asks_float_head and plan["lm_head"] == 16:  # a float head in the source becomes int8
-        plan["lm_head"] = 8
-    return plan
-
-
 def run_estimates(info, recipe, budget: int) -> dict[str, tuple[int, bool]]:
     """What each stage of a recipe needs -> {stage: (bytes, required)}; a required stage that does not fit
     stops the run in preflight, the others are reported "not verified" when they do not fit."""
+    from compress.export.onnx_genai import variant_plan
     from compress.model import estimate_memory
     from compress.quantize.plan import KEEP, keeps_decoder_layers
 
@@ -297,7 +287,7 @@ def run_estimates(info, recipe, budget: int) -> dict[str, tuple[int, bool]]:
             continue
         if variant.is_onnx:
             # the builder rounds the head itself where the plan quantizes it (calibrated folders never do)
-            plan = _onnx_plan(info.config, variant)
+            plan = variant_plan(info.config, variant)
             from_float = variant.from_ is None and keeps_decoder_layers(plan)
             source = next((v for v in recipe.variants if v.name == variant.from_), None)
             carried = source is not None and source.quantizes_head
@@ -319,8 +309,8 @@ def run_estimates(info, recipe, budget: int) -> dict[str, tuple[int, bool]]:
         if variant.method == "auto" and variant.formats == ["onnx"]:  # the plan's integers, as GPTQ, into the builder
             settings = [setting for setting in variant.candidate_settings().values() if setting]
             bits, group = max(bits for bits, _ in settings), min(group for _, group in settings)
-            head_candidates = set(variant.candidates) - {"keep"} if "lm_head" not in variant.ignore else set()
-            stages[f"ONNX build, {variant.name}"] = (onnx_build(shapes, "onnx-int4", False, False, bool(head_candidates)), False)
+            head_quantized = not variant.ignore  # recipe: only lm_head may be ignored here
+            stages[f"ONNX build, {variant.name}"] = (onnx_build(shapes, "onnx-int4", False, False, head_quantized), False)
             head = KEEP if "keep" in variant.candidates else bits  # at most: every layer at the widest candidate
             stages[f"{variant.name} in onnxruntime-genai"] = (
                 onnx_runtime(predicted_onnx_weights(shapes, bits, group, variant.symmetric, head), shapes, evaluation.seq_len), False)
@@ -334,8 +324,9 @@ def run_estimates(info, recipe, budget: int) -> dict[str, tuple[int, bool]]:
 def folder_check(info, variant, seq_len: int) -> int:
     """onnxruntime-genai holding the int4 build a GPTQ v1 or AWQ folder is checked through (zero points as the
     folders keep them, the head as the variant's plan leaves it: float32 where it stays float)."""
+    from compress.export.onnx_genai import variant_plan
     from compress.quantize.plan import KEEP
 
     shapes = Shapes.from_info(info)
-    head_bits = _onnx_plan(info.config, variant).get("lm_head", KEEP)
+    head_bits = variant_plan(info.config, variant).get("lm_head", KEEP)
     return onnx_runtime(predicted_onnx_weights(shapes, variant.bits, variant.group_size, False, head_bits), shapes, seq_len)

@@ -17,16 +17,17 @@ from compress import memory
 from compress.export.gptq_v1 import write_gptq_v1
 from compress.export.onnx_genai import (
     builder_options,
+    carried_source,
     excluded_nodes,
-    phi3_linear_names,
     quantize_dynamic_int8,
     run_builder,
-    tie_table_to_head,
+    ties_table,
+    variant_plan,
 )
 from compress.model import ModelInfo
 from compress.quantize.awq_search import SCALES_FILE, save_scales
 from compress.quantize.llmc import calibrate_whole_model, needs_whole_model
-from compress.quantize.plan import KEEP, keeps_decoder_layers, plan_summary, resolve_plan
+from compress.quantize.plan import KEEP, keeps_decoder_layers, plan_summary
 from compress.quantize.streaming import calibrate_streaming
 from compress.quiet import library_output_to
 from compress.release import write_json_atomic
@@ -170,7 +171,7 @@ def _exact_build_options(plan: dict[str, int]) -> dict[str, str]:
 
 def _onnx_artifacts(variant, recipe, info: ModelInfo, run_dir: Path, space: Workspace,
                     budget_bytes: int | None) -> list[Artifact]:
-    plan = resolve_plan(phi3_linear_names(info.config), variant.bits, list(variant.ignore), variant.layer_overrides())
+    plan = variant_plan(info.config, variant)
     details: dict = {"layer_plan": plan, "layer_bits": plan_summary(plan), "log": str(space.log)}
     carried_head = False
     if variant.from_:
@@ -180,8 +181,6 @@ def _onnx_artifacts(variant, recipe, info: ModelInfo, run_dir: Path, space: Work
         plan = {**plan, **{layer: bits for layer, bits in carried.items() if layer != "lm_head"}}
         if carried.get("lm_head", KEEP) != KEEP:  # the source's own integers, carried like every layer
             plan["lm_head"], carried_head = carried["lm_head"], True
-        elif not variant.asks_float_head:  # the source left the head float: the builder rounds it, to int8 unless told
-            plan["lm_head"] = 8 if plan.get("lm_head", KEEP) == KEEP else plan["lm_head"]
         if "sensitivity" in calibration:  # the same integer weights; the builder's compute type aside
             details["sensitivity"] = calibration["sensitivity"]
         details["layer_bits"] = plan_summary(plan)
@@ -191,7 +190,7 @@ def _onnx_artifacts(variant, recipe, info: ModelInfo, run_dir: Path, space: Work
     # so the builder rounds the float checkpoint itself (and holds it whole: preflight's estimate says so).
     from_float = not variant.from_ and (variant.method == "onnx-int8-dynamic" or keeps_decoder_layers(plan))
     options = builder_options(variant, plan, carried_head)
-    tie = carried_head and plan["lm_head"] == 8 and bool(info.config.get("tie_word_embeddings"))
+    tie = carried_head and ties_table(info.config, plan["lm_head"])
     if tie:  # the embedding gathers from the carried 8-bit head's integers, as from a head the builder rounds
         options["shared_embeddings"] = "true"
     details["builder_options"] = options
@@ -199,11 +198,8 @@ def _onnx_artifacts(variant, recipe, info: ModelInfo, run_dir: Path, space: Work
     needed = memory.onnx_build(memory.Shapes.from_info(info), variant.method, from_float, head_rounded, carried_head)
 
     def source() -> Path:
-        if variant.from_:  # 8-bit layers and a quantized head as the source has them (GPTQ `dynamic`)
-            folder = write_gptq_v1(calibrated_folder(run_dir, variant.from_), space.work(f"from-{variant.from_}-gptq"), mixed=True)
-            if tie:
-                tie_table_to_head(folder)
-            return folder
+        if variant.from_:  # 8-bit layers and a quantized head as the source has them
+            return carried_source(calibrated_folder(run_dir, variant.from_), space.work(f"from-{variant.from_}-gptq"), tie)
         if from_float:
             return info.path
         details["from"] = (f"round-to-nearest {ONNX_PRECISION[variant.method]} weights written layer by layer by compress "

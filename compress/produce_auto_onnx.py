@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from compress import memory
-from compress.export.gptq_v1 import write_gptq_v1
-from compress.export.onnx_genai import excluded_nodes, run_builder, tie_table_to_head
+from compress.export.onnx_genai import carried_source, excluded_nodes, run_builder, ties_table
 from compress.model import ModelInfo
 from compress.produce import Workspace, onnx_builds
 from compress.produce_auto import choose, unmet, write_mixed
@@ -38,7 +37,7 @@ def auto_onnx_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, s
     options = {"accuracy_level": str(variant.accuracy_level), "hf_token": "false"}
     if excluded := excluded_nodes(bits):  # a float head (and then the embedding, which the builder would round)
         options["nodes_to_exclude"] = ",".join(excluded)
-    tie = bits.get("lm_head") == 8 and bool(info.config.get("tie_word_embeddings"))
+    tie = ties_table(info.config, bits.get("lm_head", KEEP))
     if tie:  # the embedding gathers from the 8-bit head's integers, not from a float32 copy of the table
         options["shared_embeddings"] = "true"
     details = {**chosen.details, "builder_options": options,
@@ -49,10 +48,7 @@ def auto_onnx_artifacts(variant, recipe, info: ModelInfo, samples: np.ndarray, s
     def source() -> Path:
         mixed = space.work("mixed")
         write_mixed(info.path, chosen.plan, chosen.candidates, variant, mixed)
-        folder = write_gptq_v1(mixed, space.work("mixed-gptq"), mixed=True)
-        if tie:
-            tie_table_to_head(folder)
-        return folder
+        return carried_source(mixed, space.work("mixed-gptq"), tie)
 
     def build(source: Path, folder: Path, target: str, log: Path) -> None:
         run_builder(source, folder, "int4", target, options, space.cache, log)

@@ -66,6 +66,17 @@ def excluded_nodes(plan: dict[str, int]) -> list[str]:
     return nodes
 
 
+def variant_plan(config: dict, variant) -> dict[str, int]:
+    """An ONNX variant's layer plan from its own settings; with `from:`, a head the variant does not ask to keep
+    float is int8 (the builder rounds it where the source left it float; produce then puts in what is carried)."""
+    from compress.quantize.plan import KEEP, resolve_plan
+
+    plan = resolve_plan(phi3_linear_names(config), variant.bits, list(variant.ignore), variant.layer_overrides())
+    if variant.from_ and not variant.asks_float_head and plan["lm_head"] == KEEP:
+        plan["lm_head"] = 8
+    return plan
+
+
 def builder_options(variant, plan: dict[str, int], carried_head: bool = False, exact: bool = False) -> dict[str, str]:
     """--extra_options for a variant and its layer plan (16 = keep in floating point; lm_head 8 = the builder
     rounds a float head to int8, unless `carried_head`: the source folder holds the head's integers)."""
@@ -153,6 +164,22 @@ def quantize_dynamic_int8(fp32_folder: Path, out: Path, excluded_layers: list[st
         if (fp32_folder / name).is_file():
             shutil.copy2(fp32_folder / name, out / name)
     return out
+
+
+def ties_table(config: dict, head_bits: int) -> bool:
+    """Whether a head carried into the graph at `head_bits` also serves as the embedding table (tie_table_to_head)."""
+    return head_bits == 8 and bool(config.get("tie_word_embeddings"))
+
+
+def carried_source(ct_folder: Path, out: Path, tie: bool) -> Path:
+    """The builder's input for calibrated integers: a GPTQ folder with each layer's own width (`dynamic`), its
+    8-bit head tied back to the embedding table where `tie`."""
+    from compress.export.gptq_v1 import write_gptq_v1
+
+    folder = write_gptq_v1(ct_folder, out, mixed=True)
+    if tie:
+        tie_table_to_head(folder)
+    return folder
 
 
 def tie_table_to_head(folder: Path) -> None:
