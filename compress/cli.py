@@ -13,6 +13,7 @@ from rich.console import Console
 
 from compress import interrupts
 from compress.check import FormatError
+from compress.cluster import ClusterError
 from compress.data import DataError, load_documents
 from compress.model import ModelError
 from compress.recipe import RecipeError, load_recipe
@@ -21,7 +22,7 @@ from compress.verify.isolated import MeasurementError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 # Piped output (CI logs, `| tee`) gets a table wide enough to read; a terminal uses its own width.
 console = Console(width=None if sys.stdout.isatty() else 140)
-BAD_INPUT = (RecipeError, ModelError, DataError)
+BAD_INPUT = (RecipeError, ModelError, DataError, ClusterError)
 
 
 def _version(value: bool) -> None:
@@ -47,21 +48,32 @@ def _fail(message: str, code: int = 2) -> None:
 @app.command()
 def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
-    out: Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/<recipe name>).")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="Run folder (default: runs/<recipe name>); with --cluster also "
+                                            "a URI every node can reach: s3://…, gs://…, file://… (or an NFS path).")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Model to use instead of the recipe's: folder, hub id or builtin:NAME.")] = None,
-    max_memory: Annotated[float | None, typer.Option("--max-memory", help="Host memory budget in GiB (default: available memory less 1 GiB).")] = None,
+    max_memory: Annotated[float | None, typer.Option("--max-memory", help="Host memory budget in GiB (default: available memory less 1 GiB); on a cluster, each node's.")] = None,
+    cluster: Annotated[str | None, typer.Option("--cluster", help="Run on the Ray cluster at ADDRESS: auto (RAY_ADDRESS or "
+                                                "the cluster started on this machine), host:port or ray://host:port.")] = None,
 ) -> None:
     """Quantize, export, verify and release every variant of RECIPE."""
     try:
         if max_memory is not None and not max_memory > 0:
             raise RecipeError(f"--max-memory must be a positive number of GiB, not {max_memory}")
         parsed = load_recipe(recipe)
-        out = out or Path("runs") / parsed.name
-        _check_out(out, model or parsed.model)
+        out = out or str(Path("runs") / parsed.name)
+        if "://" in out and cluster is None:
+            raise RecipeError(f"--out {out}: a URI run folder is for --cluster runs; give a local folder")
+        if "://" not in out:
+            _check_out(Path(out), model or parsed.model)
         _quiet_libraries()
-        from compress.pipeline import run as run_pipeline  # torch is imported only once the recipe is valid
+        if cluster is not None:
+            from compress.cluster.driver import run_on_cluster  # Ray is imported only here
 
-        report = run_pipeline(parsed, str(recipe), out, model, console, max_memory)
+            report = run_on_cluster(parsed, str(recipe), out, cluster, model, console, max_memory)
+        else:
+            from compress.pipeline import run as run_pipeline  # torch is imported only once the recipe is valid
+
+            report = run_pipeline(parsed, str(recipe), Path(out), model, console, max_memory)
     except BAD_INPUT as error:
         _fail(str(error))
     except MeasurementError as error:  # the original model itself would not run: nothing to compare against
@@ -74,7 +86,7 @@ def run(
         _fail(f"no space left on the device while writing {out}; nothing partial was released, and the next run "
               "on this folder resumes from the finished stages", 1)
     released = [v for v in report["variants"] if v["released"]]
-    console.print(f"Report: {out / 'report.md'}  ({len(released)} of {len(report['variants'])} artifact(s) released)")
+    console.print(f"Report: {out.rstrip('/')}/report.md  ({len(released)} of {len(report['variants'])} artifact(s) released)")
     raise typer.Exit(0 if len(released) == len(report["variants"]) else 1)
 
 

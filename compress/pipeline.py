@@ -99,10 +99,11 @@ def preflight(recipe: Recipe, model_spec: str, console: Console, out: Path, budg
     if disk_needed > disk_free:
         raise ModelError(f"the run needs about {disk_needed / 2**20:.0f} MiB of disk in {out} but only "
                          f"{disk_free / 2**20:.0f} MiB is free; free some space or choose another --out")
-    if "cuda" in recipe.targets and (free := free_device_memory("cuda")) is not None:
+    gpu_targets = [target for target, place in recipe.targets.items() if place.device == "cuda" and not place.node_labels]
+    if gpu_targets and (free := free_device_memory("cuda")) is not None:
         device_verify = info.weight_bytes + 2 * recipe.evaluation.seq_len * int(config["vocab_size"]) * 4 + 512 * 2**20
         console.print(f"   GPU memory needed to verify: {device_verify / gib:.1f} GiB; free {free / gib:.1f} GiB")
-        if device_verify > free and recipe.targets["cuda"].required:
+        if device_verify > free and any(recipe.targets[target].required for target in gpu_targets):
             raise ModelError(f"{info.spec} needs about {device_verify / gib:.1f} GiB of GPU memory but only {free / gib:.1f} GiB is free")
     return info
 
@@ -171,29 +172,32 @@ def _job(recipe: Recipe, folder: Path, runtime: str, target: str, data: RunData)
     }
 
 
-def evaluate_baseline(recipe: Recipe, info: ModelInfo, data: RunData, run_dir: Path, budget: int) -> Baseline:
+def evaluate_baseline(recipe: Recipe, info: ModelInfo, data: RunData, run_dir: Path, budget: int,
+                      placed: bool = False) -> Baseline:
     """Perplexity, reference log-probs and speed of the original model on every target present.
 
     On the CPU the accuracy comes from a layer-at-a-time forward of the checkpoint on disk; speed and
     generations need the whole model in transformers and are measured only where it fits `budget`.
-    Cached by model fingerprint, evaluation settings, tokens, target and library versions (compress.cache).
+    Cached by model fingerprint, evaluation settings, tokens, device and library versions (compress.cache).
+    A target with node labels is measured only where a cluster `placed` this run on its node.
     """
     results, references, missing = {}, {}, {}
     versions = package_versions()
     shapes = memory.Shapes.from_info(info)
-    for target in recipe.targets:
-        reason = availability(target)
+    for target, place in recipe.targets.items():
+        device = place.device
+        reason = availability(device) or (None if placed or not place.node_labels else unplaced(place))
         if reason:
             missing[target] = reason
             continue
         reference = run_dir / "baseline" / f"reference-{target}.npz"
         key = baseline_key({
             "model": model_fingerprint(info), "evaluation": recipe.evaluation.model_dump(), "tokens": data.hashes["evaluation_tokens"],
-            "prompts": data.chat_prompts, "stop": data.stop_ids, "target": target,
+            "prompts": data.chat_prompts, "stop": data.stop_ids, "target": device,
             "versions": {name: versions[name] for name in ("torch", "transformers", "compress")},
         })
-        job = {**_job(recipe, info.path, "transformers", target, data), "write_reference": str(reference)}
-        if target == "cpu":
+        job = {**_job(recipe, info.path, "transformers", device, data), "write_reference": str(reference)}
+        if device == "cpu":
             whole = memory.baseline_whole_model_cpu(shapes, recipe.evaluation.seq_len)
             job.update(layerwise=True, activation_budget=memory.activation_budget(budget),
                        spill_dir=str(run_dir / "work" / "baseline-activations"), whole_model=whole <= budget,
@@ -229,23 +233,24 @@ def verify_artifact(recipe: Recipe, variant: Variant, artifact: Artifact, baseli
     gates = recipe.gates_for(variant).model_dump()
     runtime = artifact.runtime if artifact.runtime in ("transformers", "llama.cpp") else "onnxruntime-genai"
     verdicts = {}
-    for target in recipe.targets:
+    for target, place in recipe.targets.items():
+        device = place.device
         if target in artifact.skipped:
             status, why = artifact.skipped[target]
             verdicts[target] = Verdict(target, status, {}, [why])
             continue
-        missing = baseline.missing.get(target) or availability(target, runtime)
+        missing = baseline.missing.get(target) or availability(device, runtime)
         if missing:
             verdicts[target] = Verdict(target, NOT_VERIFIED, {}, [missing])
             continue
-        if target == "cpu" and (needed := _whole_artifact_bytes(artifact, runtime, info, recipe)) > budget:
+        if device == "cpu" and (needed := _whole_artifact_bytes(artifact, runtime, info, recipe)) > budget:
             verdicts[target] = Verdict(target, NOT_VERIFIED, {}, [f"{runtime} must hold the whole artifact: it {memory.describe(needed, budget)}"])
             continue
         base = baseline.results[target]["metrics"]
         # Speed in turn with the baseline where both fit in memory at once (the CPU), else in the artifact's worker.
-        interleave = target == "cpu" and "decode_tps" in base and needed + memory.baseline_whole_model_cpu(
+        interleave = device == "cpu" and "decode_tps" in base and needed + memory.baseline_whole_model_cpu(
             memory.Shapes.from_info(info), recipe.evaluation.seq_len) <= budget
-        job = {**_job(recipe, artifact.runnable or artifact.path, runtime, target, data), "reference": str(baseline.references[target]),
+        job = {**_job(recipe, artifact.runnable or artifact.path, runtime, device, data), "reference": str(baseline.references[target]),
                "skip_speed": interleave}
         job_dir = run_dir / "work" / variant.name / artifact.format
         try:
@@ -313,14 +318,20 @@ def model_fingerprint(info: ModelInfo) -> str:
     return digest.hexdigest()
 
 
+def unplaced(place) -> str:
+    """Why a target with node labels is not verified in a run without a cluster."""
+    return f"no cluster: a node with labels {place.where()} is this target (run with --cluster ADDRESS)"
+
+
 def _under_load(metrics: dict) -> str:
     share = metrics.get("others_cpu") or 0.0
     return f" (timed while other processes used {share:.0%} of the CPU)" if share > BUSY else ""
 
 
 def baseline_stages(recipe: Recipe, recipe_path: str, model_spec: str, out: Path, console: Console, budget: int,
-                    max_memory: bool = False):
-    """Stages 1-3, shared by `compress run` and `compress verify`. -> (info, data, baseline, context)."""
+                    max_memory: bool = False, evaluate=evaluate_baseline):
+    """Stages 1-3, shared by `compress run` and `compress verify`; `evaluate(recipe, info, data, out, budget)`
+    measures the baseline (on a cluster, on each target's node). -> (info, data, baseline, context)."""
     with stage(console, 1, "Preflight") as line:
         info = preflight(recipe, model_spec, console, out, budget, max_memory)
         out.mkdir(parents=True, exist_ok=True)
@@ -332,7 +343,7 @@ def baseline_stages(recipe: Recipe, recipe_path: str, model_spec: str, out: Path
             f"{recipe.calibration.samples}×{recipe.calibration.seq_len} calibration tokens"
         )
     with stage(console, 3, "Baseline") as line:
-        baseline = evaluate_baseline(recipe, info, data, out, budget)
+        baseline = evaluate(recipe, info, data, out, budget)
         line.done(", ".join(
             f"{target}: ppl {result['metrics']['ppl']:.3f}, "
             + (f"decode {result['metrics']['decode_tps']:.0f} tok/s" + _under_load(result["metrics"]) if "decode_tps" in result["metrics"]

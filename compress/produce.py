@@ -136,7 +136,8 @@ def _calibrated_artifacts(variant, recipe, info: ModelInfo, samples, run_dir: Pa
     artifacts = []
     for fmt in variant.formats:
         folder = space.staging(fmt)
-        skipped = {"cuda": (NOT_VERIFIED, f"the {fmt} folder is verified through an ONNX build for the CPU only")}
+        skipped = {target: (NOT_VERIFIED, f"the {fmt} folder is verified through an ONNX build for the CPU only")
+                   for target in recipe.targets if recipe.device(target) != "cpu"}
         if fmt == "compressed-tensors":
             shutil.copytree(calibrated, folder)
             artifacts.append(_artifact(variant, fmt, folder, folder, "transformers", details, {}))
@@ -145,7 +146,7 @@ def _calibrated_artifacts(variant, recipe, info: ModelInfo, samples, run_dir: Pa
         needed = memory.folder_check(info, variant, recipe.evaluation.seq_len)
         if budget_bytes is not None and needed > budget_bytes:  # the check could not run: no build for it
             why = f"checking the {fmt} folder (through an ONNX build, in onnxruntime-genai) {memory.describe(needed, budget_bytes)}"
-            artifacts.append(_artifact(variant, fmt, folder, folder, VIA_ONNX_BUILD, details, {**skipped, "cpu": (NOT_VERIFIED, why)}))
+            artifacts.append(_artifact(variant, fmt, folder, folder, VIA_ONNX_BUILD, details, {**skipped, **{t: (NOT_VERIFIED, why) for t in recipe.targets if recipe.device(t) == "cpu"}}))
             continue
         build = run_builder(folder, space.work(f"{fmt}-onnx-cpu"), "int4" if variant.bits == 4 else "int8", "cpu",
                             _exact_build_options(details["layer_plan"]), space.cache, space.work(f"{fmt}-onnx-cpu.log"))
@@ -206,45 +207,47 @@ def _onnx_artifacts(variant, recipe, info: ModelInfo, run_dir: Path, space: Work
                            "(the builder never loads the float model); the builder rounds only what the folder leaves float")
         return _rounded_source(variant, info, space, budget_bytes)
 
-    def build(source: Path, folder: Path, target: str, log: Path) -> None:
+    def build(source: Path, folder: Path, device: str, log: Path) -> None:
         if variant.method == "onnx-int8-dynamic":
-            fp32 = run_builder(source, space.work(f"{_onnx_format(target)}-fp32"), "fp32", target, {"hf_token": "false"},
+            fp32 = run_builder(source, space.work(f"{_onnx_format(device)}-fp32"), "fp32", device, {"hf_token": "false"},
                                space.cache, log)
             quantize_dynamic_int8(fp32, folder, [layer for layer, bits in plan.items() if bits == KEEP])
         else:
-            run_builder(source, folder, ONNX_PRECISION[variant.method], target, options, space.cache, log)
+            run_builder(source, folder, ONNX_PRECISION[variant.method], device, options, space.cache, log)
 
     return onnx_builds(variant, recipe, space, details, needed, budget_bytes, source, build)
 
 
 def onnx_builds(variant, recipe, space: Workspace, details: dict, needed: int, budget_bytes: int | None,
                 source: Callable[[], Path], build: Callable[[Path, Path, str, Path], None]) -> list[Artifact]:
-    """An ONNX folder per target (`build(source, folder, target, log)`, from the folder `source()` writes once),
-    each verified in onnxruntime-genai; a target whose runtime is missing here, or whose build does not fit
-    `budget_bytes` (`needed`), is reported with why, and with no target left the variant is reported unmade."""
-    for target in recipe.targets:
-        fmt = _onnx_format(target)
-        reason = availability(target, "onnxruntime-genai")
+    """An ONNX folder per device the targets name (`build(source, folder, device, log)`, from the folder `source()`
+    writes once), each verified in onnxruntime-genai on the targets of its device; a device whose runtime is
+    missing here, or whose build does not fit `budget_bytes` (`needed`), is reported with why on its targets, and
+    with no build left the variant is reported unmade."""
+    for device in recipe.devices():
+        fmt = _onnx_format(device)
+        reason = availability(device, "onnxruntime-genai")
         if not reason and budget_bytes is not None and needed > budget_bytes:
             reason = f"the ONNX builder {memory.describe(needed, budget_bytes)}"
         if reason:
             details.setdefault("not_built", {})[fmt] = reason
-    buildable = [target for target in recipe.targets if _onnx_format(target) not in details.get("not_built", {})]
+    buildable = [device for device in recipe.devices() if _onnx_format(device) not in details.get("not_built", {})]
     made = source() if buildable else None
     artifacts = []
-    for target in buildable:
-        fmt = _onnx_format(target)
+    for device in buildable:
+        fmt = _onnx_format(device)
         folder = space.staging(fmt)
-        build(made, folder, target, space.work(f"{fmt}-builder.log"))
-        others = {t: (NOT_APPLICABLE, f"built for the {target} provider; see its {_onnx_format(t)} row")
-                  for t in recipe.targets if t != target}
+        build(made, folder, device, space.work(f"{fmt}-builder.log"))
+        others = {t: (NOT_APPLICABLE, f"built for the {device} provider; see its {_onnx_format(recipe.device(t))} row")
+                  for t in recipe.targets if recipe.device(t) != device}
         artifacts.append(_artifact(variant, fmt, folder, folder, "onnxruntime-genai", details, others))
     for fmt, reason in details.get("not_built", {}).items():
-        target = fmt.removeprefix("onnx-")
         for artifact in artifacts:
-            artifact.skipped[target] = (NOT_VERIFIED, f"the {fmt} build was not made: {reason}")
+            for target in recipe.targets:
+                if _onnx_format(recipe.device(target)) == fmt:
+                    artifact.skipped[target] = (NOT_VERIFIED, f"the {fmt} build was not made: {reason}")
     if not artifacts:  # nothing could be built here: the variant is still reported, not verified, never released
-        skipped = {target: (NOT_VERIFIED, f"not built: {details['not_built'][_onnx_format(target)]}")
+        skipped = {target: (NOT_VERIFIED, f"not built: {details['not_built'][_onnx_format(recipe.device(target))]}")
                    for target in recipe.targets}
         artifacts.append(unmade_artifact(variant, space, "onnx", "onnxruntime-genai", details, skipped))
     return artifacts
@@ -260,9 +263,9 @@ def unmade_artifact(variant, space: Workspace, fmt: str, runtime: str, details: 
                     details, runnable=folder, skipped=verdicts)
 
 
-def _onnx_format(target: str) -> str:
-    """The format name of an ONNX build for `target`: onnx (cpu), onnx-cuda, ..."""
-    return "onnx" if target == "cpu" else f"onnx-{target}"
+def _onnx_format(device: str) -> str:
+    """The format name of an ONNX build for `device`: onnx (cpu), onnx-cuda."""
+    return "onnx" if device == "cpu" else f"onnx-{device}"
 
 
 def _rounded_source(variant, info: ModelInfo, space: Workspace, budget_bytes: int | None) -> Path:

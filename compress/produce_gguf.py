@@ -117,7 +117,7 @@ def release_folder(variant, recipe, info: ModelInfo, out_file: Path, stop_ids: l
             if path.is_file():
                 shutil.copy2(path, folder / path.name)
     gguf.write_modelfile(folder, out_file.name, info.path, stop_ids)
-    skipped = {target: (NOT_VERIFIED, "compress builds llama.cpp for the CPU only") for target in recipe.targets if target != "cpu"}
+    skipped = {target: (NOT_VERIFIED, "compress builds llama.cpp for the CPU only") for target in recipe.targets if recipe.device(target) != "cpu"}
     return Artifact(variant.name, variant.method, "gguf", folder, RUNTIME, folder_bytes(folder), gguf_bits(out_file),
                     details, runnable=folder, skipped=skipped)
 

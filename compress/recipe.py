@@ -112,7 +112,15 @@ class Evaluation(Strict):
 
 
 class Target(Strict):
+    """A place artifacts are verified: a device, and on a cluster the labels of the nodes that are that place."""
+
+    device: Literal["cpu", "cuda"] | None = None  # default: the target's name, where it is cpu or cuda
     required: bool = False
+    node_labels: dict[str, str] = {}  # on a cluster (`--cluster`), the labels a node must carry to be this target
+
+    def where(self) -> str:
+        """The labels as the report and the errors say them: {place: laptop}."""
+        return "{" + ", ".join(f"{key}: {value}" for key, value in self.node_labels.items()) + "}"
 
 
 class Gates(Strict):
@@ -430,12 +438,25 @@ class Recipe(Strict):
     @field_validator("targets")
     @classmethod
     def known_targets(cls, value: dict[str, Target]) -> dict[str, Target]:
-        for name in value:
-            if name not in TARGETS:
-                raise ValueError(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
-        if "cpu" not in value:
-            raise ValueError("cpu must be listed: every artifact is verified on the CPU")
-        return value
+        placed = {}
+        for name, target in value.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+                raise ValueError(f"target name {name!r}: use letters, digits, '.', '_' and '-'")
+            if target.device is None and name not in TARGETS:
+                raise ValueError(f"{name}: say which device it is, device: cpu or device: cuda (only the names "
+                                 f"{' and '.join(TARGETS)} imply theirs)")
+            placed[name] = target if target.device else target.model_copy(update={"device": name})
+        if not any(target.device == "cpu" for target in placed.values()):
+            raise ValueError("list a target with device: cpu (cpu: {} will do): every artifact is verified on a CPU")
+        return placed
+
+    def device(self, target: str) -> str:
+        """The device of the target named `target`: cpu or cuda."""
+        return self.targets[target].device
+
+    def devices(self) -> list[str]:
+        """The devices the targets name, in the order they are first listed."""
+        return list(dict.fromkeys(target.device for target in self.targets.values()))
 
     @field_validator("variants")
     @classmethod

@@ -53,8 +53,9 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(temporary, path)
 
 
-def build_manifest(outcome: Outcome, context: dict) -> dict:
-    """Everything needed to know what an artifact is and how it was proven; written into its folder."""
+def build_manifest(outcome: Outcome, context: dict, files: dict[str, str] | None = None) -> dict:
+    """Everything needed to know what an artifact is and how it was proven; written into its folder. `files`:
+    its files' hashes where they were taken elsewhere (on the cluster node that wrote the folder)."""
     artifact = outcome.artifact
     return {
         "variant": artifact.variant,
@@ -68,7 +69,7 @@ def build_manifest(outcome: Outcome, context: dict) -> dict:
         "quantization": artifact.details,
         "verdicts": {target: asdict(verdict) for target, verdict in outcome.verdicts.items()},
         **context,  # recipe (resolved), recipe sha256, model, data hashes, versions
-        "files": file_hashes(artifact.path),
+        "files": file_hashes(artifact.path) if files is None else files,
     }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from compress.recipe import Recipe, Variant
@@ -44,15 +45,17 @@ def variant_stamp(recipe: Recipe, variant: Variant, context: dict, earlier: dict
 def expected_formats(recipe: Recipe, variant: Variant) -> list[str]:
     if not variant.is_onnx:
         return list(variant.formats)
-    return ["onnx"] + [f"onnx-{t}" for t in recipe.targets if t != "cpu" and availability(t, "onnxruntime-genai") is None]
+    return ["onnx"] + [f"onnx-{d}" for d in recipe.devices() if d != "cpu" and availability(d, "onnxruntime-genai") is None]
 
 
-def released_outcomes(recipe: Recipe, variant: Variant, out: Path, stamp: str) -> list[Outcome] | None:
-    """The variant's outcomes from an earlier run, when every format was released from the same inputs."""
+def released_outcomes(recipe: Recipe, variant: Variant, out: Path, stamp: str,
+                      current: Callable[[Path, str], dict | None] = release_is_current) -> list[Outcome] | None:
+    """The variant's outcomes from an earlier run, when every format was released from the same inputs
+    (`current(folder, stamp)`: its manifest where the folder is current, as compress.release judges on disk)."""
     outcomes = []
     for fmt in expected_formats(recipe, variant):
         folder = out / "release" / variant.name / fmt
-        manifest = release_is_current(folder, stamp)
+        manifest = current(folder, stamp)
         if manifest is None:
             return None
         bits = {key: manifest.get(key) for key in ("bits_per_weight", "bits_per_weight_all", "quantized_layer_bits")}

@@ -24,7 +24,7 @@ from compress.check import (
 from compress.data import load_documents
 from compress.export.onnx_genai import HEAD_NODE, run_builder
 from compress.pipeline import baseline_speed_server, baseline_stages, decide, verify_artifact
-from compress.recipe import Gates, Recipe, Variant
+from compress.recipe import Gates, Recipe, Target, Variant
 from compress.report import write_report
 from compress.results import FAIL, NOT_VERIFIED, Artifact, Outcome, Verdict
 from compress.runtimes.llama_cpp import gguf_file
@@ -46,7 +46,7 @@ def verify_recipe(folder: Path, baseline: str, recipe: Recipe | None, targets: l
     return base.model_copy(update={
         "name": f"verify-{folder.name}",
         "evaluation": base.evaluation.model_copy(update={k: v for k, v in chosen.items() if v is not None}),
-        "targets": {t: base.targets.get(t, type(base.targets["cpu"])(required=True)) for t in targets},
+        "targets": {t: base.targets.get(t, Target(device=t, required=True)) for t in targets},
         "variants": [Variant(name=_artifact_name(folder), method="rtn")],
     })
 

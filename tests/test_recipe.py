@@ -28,7 +28,7 @@ MISTAKES = [
     ("unknown method", "method: gptq", "method: magic", "recipe.yaml:7: variants[0].method: must be one of gptq"),
     ("group size", "group_size: 128", "group_size: 100", "recipe.yaml:9: variants[0].group_size: must be a power of two"),
     ("format for method", "bits: 4", "bits: 4\n    formats: [onnx]", "method gptq cannot write 'onnx'"),
-    ("unknown target", "gates:", "targets: {tpu: {required: true}}\ngates:", "recipe.yaml:3: targets: unknown target 'tpu'"),
+    ("unknown target", "gates:", "targets: {tpu: {required: true}}\ngates:", "recipe.yaml:3: targets: tpu: say which device it is, device: cpu or device: cuda"),
     ("negative gate", "max_kld: 0.05", "max_kld: -1", "recipe.yaml:4: gates.max_kld: input should be greater than or equal to 0"),
     ("empty variants", "variants:\n  - name: a\n    method: gptq\n    bits: 4\n    group_size: 128\n", "variants: []\n",
      "recipe.yaml:5: variants: list at least one variant"),

@@ -1,0 +1,125 @@
+"""What runs on a node: a target's baseline, a variant's calibration and build, an artifact's check on a target.
+
+Each task works in a scratch folder of its own laid out as a run folder, takes what it needs from the run
+folder (compress.cluster.store) by relative path, calls the same stage a local run calls, puts back what
+other nodes will need, and returns small records (relative paths, figures, the node it ran on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from compress.cluster.nodes import here, take_threads
+from compress.cluster.store import Store
+
+WINDOWS = "data/windows.npz"
+# A calibrated variant's saved calibration: what a `from:` variant and a resumed run need of it.
+CALIBRATION = ("calibrated", "calibration.json", "awq-scales.safetensors")
+
+
+@contextmanager
+def scratch() -> Iterator[Path]:
+    """A run folder of this task's own on the node (under COMPRESS_SCRATCH or the system's temporary folder)."""
+    folder = Path(tempfile.mkdtemp(prefix="compress-task-", dir=os.environ.get("COMPRESS_SCRATCH")))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _local_data(store: Store, data, run_dir: Path):
+    store.pull(WINDOWS, run_dir / WINDOWS)
+    return dataclasses.replace(data, windows_file=run_dir / WINDOWS)
+
+
+def _one_target(recipe, target: str):
+    return recipe.model_copy(update={"targets": {target: recipe.targets[target]}})
+
+
+def baseline_task(store: Store, recipe, target: str, model_spec: str, data, budget: int) -> dict:
+    """The original model on this node: -> {"result", "reference"} or {"missing": why}, with the node."""
+    from compress.model import inspect_model
+    from compress.pipeline import evaluate_baseline
+
+    take_threads()
+    node = here()
+    with scratch() as run_dir:
+        info = inspect_model(model_spec)
+        baseline = evaluate_baseline(_one_target(recipe, target), info, _local_data(store, data, run_dir), run_dir,
+                                     budget, placed=True)
+        if target in baseline.missing:
+            return {"missing": baseline.missing[target], "node": node}
+        reference = f"baseline/reference-{target}.npz"
+        store.push(baseline.references[target], reference)
+        result = baseline.results[target]
+        result["environment"]["node"] = node
+        return {"result": result, "reference": reference, "size_bytes": baseline.size_bytes}
+
+
+def produce_task(store: Store, recipe, name: str, model_spec: str, data, budget: int, stamp: str,
+                 source: dict | None = None) -> dict:
+    """A variant's calibration or build and every format of it, put into the run folder's staging/.
+    `source`: the record of its `from:` variant's task (Ray runs this one after it), None where that was
+    released earlier. -> {"artifacts": [(Artifact with relative paths, its files' sha256)], "node"}."""
+    from compress.model import inspect_model
+    from compress.produce import produce
+    from compress.release import file_hashes
+
+    take_threads()
+    node = here()
+    variant = next(v for v in recipe.variants if v.name == name)
+    with scratch() as run_dir:
+        info = inspect_model(model_spec)
+        for owner in filter(None, (name, variant.from_)):  # a calibration saved earlier, the source's calibration
+            for part in CALIBRATION:
+                store.pull(f"work/{owner}/{part}", run_dir / "work" / owner / part)
+        artifacts = produce(variant, recipe, info, data.samples, run_dir, stamp, budget, data.stop_ids)
+        records = []
+        for artifact in artifacts:
+            folders = {artifact.path} | ({artifact.runnable} if artifact.runnable else set())
+            for folder in folders:
+                store.push(folder, str(folder.relative_to(run_dir)))
+            relative = dataclasses.replace(
+                artifact, path=artifact.path.relative_to(run_dir),
+                runnable=artifact.runnable.relative_to(run_dir) if artifact.runnable else None,
+                details={**artifact.details, "log": store.show(f"logs/{name}.log"), "node": node})
+            records.append((relative, file_hashes(artifact.path)))
+        for part in CALIBRATION:
+            if (run_dir / "work" / name / part).exists():
+                store.push(run_dir / "work" / name / part, f"work/{name}/{part}")
+        if (log := run_dir / "logs" / f"{name}.log").is_file():
+            store.push(log, f"logs/{name}.log")
+        return {"artifacts": records, "node": node}
+
+
+def verify_task(store: Store, recipe, target: str, name: str, artifact, baseline: dict, model_spec: str, data,
+                budget: int, baseline_bytes: int):
+    """`artifact` (relative paths) loaded back from the run folder onto this node and checked on `target`, timed
+    in turn with the baseline on a CPU as a local run does. -> its Verdict, with the node in its environment."""
+    from compress.model import inspect_model
+    from compress.pipeline import Baseline, baseline_speed_server, verify_artifact
+
+    take_threads()
+    node = here()
+    variant = next(v for v in recipe.variants if v.name == name)
+    one = _one_target(recipe, target)
+    with scratch() as run_dir:
+        info = inspect_model(model_spec)
+        local_data = _local_data(store, data, run_dir)
+        for folder in {artifact.path, artifact.runnable} - {None}:
+            store.pull(str(folder), run_dir / folder)
+        reference = run_dir / baseline["reference"]
+        store.pull(baseline["reference"], reference)
+        local = dataclasses.replace(artifact, path=run_dir / artifact.path,
+                                    runnable=run_dir / artifact.runnable if artifact.runnable else None)
+        measured = Baseline(baseline_bytes, {target: baseline["result"]}, {target: reference}, {})
+        with baseline_speed_server(one, info, local_data, run_dir) as speed:
+            verdict = verify_artifact(one, variant, local, measured, local_data, run_dir, info, budget, speed)[target]
+        verdict.environment["node"] = node
+        return verdict
