@@ -175,11 +175,30 @@ def render_markdown(report: dict) -> str:
     if recommendation:
         lines += ["", "## Recommendation", ""] + [f"- {line}" for line in recommendation]
     lines += ["", "## Verdicts", ""] + [f"- {line}" for line in verdict_lines(report)]
+    lines += node_lines(report)
     lines += plan_lines(report)
     lines += awq_mapping_lines(report)
     versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
     lines += ["", f"Versions: {versions}.", ""]
     return "\n".join(lines)
+
+
+def node_lines(report: dict) -> list[str]:
+    """On a cluster run: the node (or nodes) each target's figures were measured on."""
+    places: dict[str, dict[str, dict]] = {}
+    measured = [(t, r) for t, r in report["baseline"]["targets"].items()] + \
+        [(t, r) for variant in report["variants"] for t, r in variant["targets"].items()]
+    for target, result in measured:
+        if node := (result.get("environment") or {}).get("node"):
+            places.setdefault(target, {})[node["node_id"]] = node
+    if not places:
+        return []
+    lines = ["", "## Where each target was measured", ""]
+    for target, nodes in places.items():
+        lines += [f"- {target}: node {node['node_id'][:12]} (labels {node['labels'] or 'none'}), host {node['host']}, "
+                  f"{node['cpu']}, {node['gpu'] or 'no GPU'}, {node['threads']} threads" for node in nodes.values()]
+    lines += [f"- {target}: not verified: {why}" for target, why in absent_targets(report).items()]
+    return lines
 
 
 def speed_notes(report: dict) -> list[str]:

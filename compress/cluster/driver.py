@@ -138,7 +138,7 @@ class ClusterRun:
                     name = key[1]
                     if error:
                         source = next(v.from_ for v in recipe.variants if v.name == name)
-                        failed[name] = (f"its source {source} failed" if source in failed else f"its task failed: {error}")
+                        failed[name] = f"its source {source} was not made" if source in failed else f"its task failed: {error}"
                         continue
                     made[name] = record["artifacts"]
                     for index, (artifact, _files) in enumerate(record["artifacts"]):
@@ -184,8 +184,7 @@ class ClusterRun:
         fmt = variant.formats[0] if variant.formats else "onnx"
         artifact = Artifact(variant.name, variant.method, fmt, Path("staging") / variant.name / fmt, "not made", 0,
                             {"bits_per_weight": None, "bits_per_weight_all": None}, {"failed": why})
-        sentence = f"the variant's task failed: {why}" if not why.startswith(("its", "no ")) else why
-        return Outcome(artifact, {t: Verdict(t, FAIL, {}, [sentence]) for t in self.recipe.targets}, False, [sentence])
+        return Outcome(artifact, {t: Verdict(t, FAIL, {}, [why]) for t in self.recipe.targets}, False, [why])
 
     def _current(self, folder: Path, stamp: str) -> dict | None:
         """An earlier release's manifest where it is current: its files' hashes checked where the run folder is a
@@ -262,6 +261,6 @@ def one_sentence(error) -> str:
 
     cause = error.cause if isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None else error
     if isinstance(cause, ray.exceptions.WorkerCrashedError | ray.exceptions.NodeDiedError):
-        return f"{type(cause).__name__}: its worker or node died, twice (the task was retried once)"
+        return f"its worker or its node died ({type(cause).__name__}), and again when retried"
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
     return f"{type(cause).__name__}: {lines[-1] if lines else ''}".rstrip(": ")

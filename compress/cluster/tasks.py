@@ -73,6 +73,7 @@ def produce_task(store: Store, recipe, name: str, model_spec: str, data, budget:
 
     take_threads()
     node = here()
+    _injected_fault(store, name)
     variant = next(v for v in recipe.variants if v.name == name)
     with scratch() as run_dir:
         info = inspect_model(model_spec)
@@ -96,6 +97,20 @@ def produce_task(store: Store, recipe, name: str, model_spec: str, data, budget:
         if (log := run_dir / "logs" / f"{name}.log").is_file():
             store.push(log, f"logs/{name}.log")
         return {"artifacts": records, "node": node}
+
+
+def _injected_fault(store: Store, name: str) -> None:
+    """For the tests of retries: COMPRESS_CLUSTER_FAULT=variant:times[,variant:times] makes that variant's task end
+    its worker process abruptly (as a killed worker or a lost node does) the first `times` times it starts."""
+    faults = dict(item.rsplit(":", 1) for item in os.environ.get("COMPRESS_CLUSTER_FAULT", "").split(",") if ":" in item)
+    if name not in faults:
+        return
+    times = faults[name]
+    record = f"faults/{name}.json"
+    started = (store.read_json(record) or {}).get("started", 0) + 1
+    store.write_json(record, {"started": started})
+    if started <= int(times):
+        os._exit(1)
 
 
 def verify_task(store: Store, recipe, target: str, name: str, artifact, baseline: dict, model_spec: str, data,

@@ -1,0 +1,190 @@
+"""`compress run --cluster` on a simulated Ray cluster (a head and two labelled nodes on this machine), inside a
+loopback-only network namespace; and the pieces that need no cluster: named targets, the run-folder store,
+placement, and a local run never importing Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from compress.cluster.nodes import Node, place
+from compress.cluster.store import Store
+from compress.recipe import RecipeError, load_recipe
+from tests.conftest import ROOT, run_cli
+
+EVALUATION = ("evaluation: {dataset: builtin:pydoc-eval, seq_len: 128, windows: 8, new_tokens: 8, speed_runs: 3, "
+              "prompts: [Hello], generation_tokens: 8, sensitivity_samples: 0}\n")
+HEAD = ("model: builtin:tiny-phi4-mini\ncalibration: {dataset: builtin:pydoc-calib, samples: 8, seq_len: 128, seed: 0}\n"
+        + EVALUATION + "gates: {max_kld: 0.5, min_top1: 0.5, max_ppl_ratio: 2.0, max_size_ratio: 0.9}\n")
+VARIANTS = """variants:
+  - {name: rtn-w4, method: rtn, bits: 4, group_size: 128}
+  - {name: onnx-from-rtn, method: onnx-int4, from: rtn-w4, group_size: 128}
+  - {name: rtn-w8, method: rtn, bits: 8, group_size: 128}
+"""
+PLACES = """targets:
+  laptop: {device: cpu, required: true, node_labels: {place: laptop}}
+  edge: {device: cpu, node_labels: {place: edge}}
+  phone: {device: cpu, node_labels: {place: phone}}
+"""
+
+
+def namespace_problem() -> str | None:
+    """Why the cluster tests cannot run here: they need a loopback-only network namespace (unshare -n, root)."""
+    if not shutil.which("unshare") or not shutil.which("ip"):
+        return "unshare or ip is not installed: the cluster tests run Ray only inside a loopback-only network namespace"
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, text=True, check=False)
+    if probe.returncode:
+        return f"unshare -n is not allowed here ({probe.stderr.strip() or 'not root'}): Ray must not reach the network"
+    return None
+
+
+def test_targets_are_named_places(write_recipe):
+    recipe = load_recipe(write_recipe("name: r\n" + HEAD + PLACES + VARIANTS))
+    assert recipe.device("laptop") == "cpu" and recipe.targets["edge"].node_labels == {"place": "edge"}
+    assert recipe.devices() == ["cpu"]
+    plain = load_recipe(write_recipe("name: r\n" + HEAD + "targets: {cpu: {required: true}, cuda: {}}\n" + VARIANTS))
+    assert plain.device("cuda") == "cuda" and plain.devices() == ["cpu", "cuda"]  # the names cpu and cuda still imply theirs
+    with pytest.raises(RecipeError, match="laptop: say which device it is"):
+        load_recipe(write_recipe("name: r\n" + HEAD + "targets: {cpu: {}, laptop: {node_labels: {a: b}}}\n" + VARIANTS))
+    with pytest.raises(RecipeError, match="list a target with device: cpu"):
+        load_recipe(write_recipe("name: r\n" + HEAD + "targets: {gpu: {device: cuda}}\n" + VARIANTS))
+
+
+@pytest.mark.parametrize("uri", ["plain", "file"])
+def test_store_round_trip(tmp_path, uri):
+    """Every way the run folder is used, through pyarrow.fs: a folder put and taken back byte for byte, JSON
+    written whole, a release replacing an older one, and the listing that resuming reads."""
+    root = tmp_path / "store"
+    store = Store(str(root) if uri == "plain" else f"file://{root}")
+    assert (store.local == root) == (uri == "plain")
+    folder = tmp_path / "artifact"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(os.urandom(70_000))
+    (folder / "sub" / "config.json").write_text('{"a": 1}')
+    store.push(folder, "staging/v/fmt")
+    assert store.files("staging/v/fmt") == ["model.safetensors", "sub/config.json"]
+    store.write_json("staging/v/fmt/manifest.json", {"inputs_stamp": "x"})
+    assert store.read_json("staging/v/fmt/manifest.json") == {"inputs_stamp": "x"}
+    store.push(folder / "sub" / "config.json", "release/v/fmt/old.json")  # an older release in the way
+    store.release("staging/v/fmt", "release/v/fmt", "work/retired")
+    assert not store.exists("staging/v/fmt") and store.files("work/retired") == []
+    back = tmp_path / "back"
+    assert store.pull("release/v/fmt", back)
+    assert (back / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in back.rglob("*") if p.is_file()) == ["config.json", "manifest.json", "model.safetensors"]
+    assert not store.pull("release/none", tmp_path / "none") and store.read_json("none.json") is None
+
+
+def test_placement_is_checked_before_submitting():
+    nodes = [Node("a" * 8, {"place": "laptop"}, 4, 0, 8 << 30), Node("b" * 8, {"place": "laptop"}, 2, 0, 16 << 30),
+             Node("c" * 8, {"place": "gpu-box"}, 8, 1, 64 << 30), Node("d" * 8, {}, 0, 0, 1 << 30)]
+    laptop = place(nodes, {"place": "laptop"}, "cpu", 12 << 30)
+    assert (laptop.cpus, laptop.gpus, laptop.memory) == (2, 0, 12 << 30)  # the smallest laptop's CPUs, whole
+    assert laptop.options()["label_selector"] == {"place": "laptop"} and laptop.options()["max_retries"] == 1
+    assert place(nodes, {"place": "phone"}, "cpu", 1) == "no node in the cluster has labels {place: phone}"
+    assert place(nodes, {"place": "laptop"}, "cuda", 1) == "no node with labels {place: laptop} has a GPU and a CPU Ray may use"
+    assert place(nodes, {}, "cuda", 1).gpus == 1
+    assert place(nodes, {}, "cpu", 1 << 40).memory == 64 << 30  # never more than the roomiest node has
+
+
+def test_a_local_run_never_imports_ray(tmp_path):
+    code = ("import sys; import compress.cli, compress.pipeline, compress.cluster, compress.cluster.store; "
+            "assert 'ray' not in sys.modules, 'ray imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    result = run_cli("run", str(ROOT / "recipes" / "tiny-phi4-mini.yaml"), "--out", "s3://bucket/run")
+    assert result.returncode == 2 and "a URI run folder is for --cluster runs" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def cluster_runs(tmp_path_factory):
+    """A local run, then on the simulated cluster a run (one variant's worker killed once, another's every time)
+    and a rerun into the same file:// run folder. -> (folder, the local report, the first cluster run's report)."""
+    if reason := namespace_problem():
+        pytest.skip(reason)
+    folder = tmp_path_factory.mktemp("cluster")
+    (folder / "cluster.yaml").write_text("name: places\n" + HEAD + PLACES + VARIANTS)
+    # The same recipe without a cluster: laptop and edge are this machine; phone keeps its labels.
+    local_places = PLACES.replace(", node_labels: {place: laptop}", "").replace(", node_labels: {place: edge}", "")
+    (folder / "local.yaml").write_text("name: places\n" + HEAD + local_places + VARIANTS)
+    local = run_cli("run", str(folder / "local.yaml"), "--out", str(folder / "local"))
+    assert local.returncode == 0, local.stdout + local.stderr  # phone is not verified, but it is not required
+    compress = f"{sys.executable} -m compress.cli run {folder / 'cluster.yaml'} --cluster auto --out file://{folder / 'store'}"
+    script = (f"ip link set lo up && ip -o link show > {folder / 'links.txt'} && "
+              # the nodes' workers take the fault from the environment the nodes were started in
+              f"COMPRESS_CLUSTER_FAULT=rtn-w4:1,rtn-w8:2 {sys.executable} -m compress.cluster.simulate --node place=laptop:2 "
+              f"--node place=edge:2 -- bash -c '{compress} > {folder / 'first.log'} 2>&1; echo $? > {folder / 'first.rc'}; "
+              f"cp {folder / 'store' / 'report.json'} {folder / 'first-report.json'}; "
+              f"{compress} > {folder / 'second.log'} 2>&1; echo $? > {folder / 'second.rc'}'")
+    environment = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",
+                   "COLUMNS": "200"}
+    finished = subprocess.run(["unshare", "-n", "bash", "-c", script], capture_output=True, text=True, env=environment,
+                              timeout=900, check=False)
+    logs = "".join((folder / name).read_text() for name in ("first.log", "second.log") if (folder / name).exists())
+    assert finished.returncode == 0, finished.stdout + finished.stderr + logs
+    return folder, json.loads((folder / "local" / "report.json").read_text()), json.loads((folder / "first-report.json").read_text())
+
+
+@pytest.mark.slow
+def test_cluster_run_places_each_target_on_its_node(cluster_runs):
+    folder, _, report = cluster_runs
+    assert (folder / "links.txt").read_text().split(":")[1].strip() == "lo" and len((folder / "links.txt").read_text().splitlines()) == 1
+    assert (folder / "first.rc").read_text().strip() == "1", (folder / "first.log").read_text()  # rtn-w8 failed
+    nodes = {target: result["environment"]["node"] for target, result in report["baseline"]["targets"].items() if "environment" in result}
+    assert {t: n["labels"] for t, n in nodes.items()} == {"laptop": {"place": "laptop"}, "edge": {"place": "edge"}}
+    assert nodes["laptop"]["node_id"] != nodes["edge"]["node_id"]
+    assert report["baseline"]["targets"]["phone"] == {"status": "not-verified", "reason": "no node in the cluster has labels {place: phone}"}
+    for variant in report["variants"]:
+        for target, result in variant["targets"].items():
+            if result["status"] == "pass":
+                node = result["environment"]["node"]
+                assert node["node_id"] == nodes[target]["node_id"] and node["threads"] == 2 and node["cpu"] and node["host"]
+    markdown = (folder / "store" / "report.md").read_text()
+    assert "## Where each target was measured" in markdown and "- phone: not verified: no node in the cluster has labels {place: phone}" in markdown
+
+
+@pytest.mark.slow
+def test_a_cluster_run_answers_as_a_local_run(cluster_runs):
+    """ppl, KLD and top-1 of every artifact on every target equal the local run's, to the last bit: the first
+    cluster run's two artifacts, and rtn-w8, made only by the rerun."""
+    folder, local, first = cluster_runs
+    rows = {(v["name"], v["format"], t): r["metrics"] for v in local["variants"] for t, r in v["targets"].items() if r["status"] == "pass"}
+    keys = ("ppl", "kld", "kld_se", "top1")
+    for cluster, expected_rows in ((first, 4), (json.loads((folder / "store" / "report.json").read_text()), 6)):
+        compared = 0
+        for variant in cluster["variants"]:
+            for target, result in variant["targets"].items():
+                if result["status"] == "pass":
+                    expected = rows[(variant["name"], variant["format"], target)]
+                    assert {k: result["metrics"][k] for k in keys} == {k: expected[k] for k in keys}
+                    compared += 1
+        assert compared == expected_rows
+    assert local["baseline"]["targets"]["phone"]["reason"].startswith("no cluster: a node with labels {place: phone} is this target")
+
+
+@pytest.mark.slow
+def test_a_failed_task_is_retried_once_then_that_variant_fails(cluster_runs):
+    folder, _, report = cluster_runs
+    store = Store(f"file://{folder / 'store'}")
+    assert store.read_json("faults/rtn-w4.json") == {"started": 2}  # killed once, retried, then done
+    assert store.read_json("faults/rtn-w8.json") == {"started": 3}  # killed twice, given up; the rerun's start made it
+    by_name = {v["name"]: v for v in report["variants"]}
+    assert by_name["rtn-w4"]["released"] and by_name["onnx-from-rtn"]["released"]
+    failed = by_name["rtn-w8"]
+    assert not failed["released"] and failed["not_released_because"] == [
+        "its task failed: its worker or its node died (WorkerCrashedError), and again when retried"]
+
+
+@pytest.mark.slow
+def test_a_rerun_resumes_from_the_run_folder(cluster_runs):
+    folder, _, _ = cluster_runs
+    second = " ".join((folder / "second.log").read_text().split())  # as one line, however the console wrapped it
+    assert "unchanged since their release, skipped: rtn-w4, onnx-from-rtn" in second, second
+    report = json.loads((folder / "store" / "report.json").read_text())
+    assert {v["name"]: v["released"] for v in report["variants"]} == {"rtn-w4": True, "onnx-from-rtn": True, "rtn-w8": True}
+    assert Path(folder / "store" / "release" / "rtn-w8" / "compressed-tensors" / "manifest.json").is_file()
