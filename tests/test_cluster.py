@@ -90,6 +90,7 @@ def test_placement_is_checked_before_submitting():
     assert place(nodes, {"place": "phone"}, "cpu", 1) == "no node in the cluster has labels {place: phone}"
     assert place(nodes, {"place": "laptop"}, "cuda", 1) == "no node with labels {place: laptop} has a GPU and a CPU Ray may use"
     assert place(nodes, {}, "cuda", 1).gpus == 1
+    assert place(nodes[:2], {}, "cuda", 1) == "no node in the cluster has a GPU and a CPU Ray may use"
     assert place(nodes, {}, "cpu", 1 << 40).memory == 64 << 30  # never more than the roomiest node has
 
 
@@ -99,6 +100,23 @@ def test_a_local_run_never_imports_ray(tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
     result = run_cli("run", str(ROOT / "recipes" / "tiny-phi4-mini.yaml"), "--out", "s3://bucket/run")
     assert result.returncode == 2 and "a URI run folder is for --cluster runs" in result.stdout
+
+
+def test_a_cluster_that_cannot_be_joined_is_bad_input(tmp_path):
+    """One sentence and exit code 2, in seconds (Ray itself would keep trying for minutes), never a traceback."""
+    if reason := namespace_problem():
+        pytest.skip(reason)
+    recipe = ROOT / "recipes" / "tiny-phi4-mini.yaml"
+    cases = {"127.0.0.1:9": "could not join the Ray cluster at 127.0.0.1:9: nothing answers at 127.0.0.1:9 (Connection refused)",
+             "ray://127.0.0.1:9": "a ray:// address needs Ray's client: pip install 'ray[client]==2.60.0'",
+             "auto": "no Ray cluster runs on this machine and RAY_ADDRESS is not set"}
+    for address, sentence in cases.items():
+        command = f"ip link set lo up && {sys.executable} -m compress.cli run {recipe} --cluster {address} --out {tmp_path / 'run'}"
+        environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"COLUMNS": "300", "RAY_USAGE_STATS_ENABLED": "0"}
+        result = subprocess.run(["unshare", "-n", "bash", "-c", command], capture_output=True, text=True, env=environment,
+                                timeout=120, check=False)
+        assert result.returncode == 2 and sentence in " ".join(result.stdout.split()), result.stdout + result.stderr
+        assert "Traceback" not in result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")

@@ -23,11 +23,31 @@ def connect(address: str) -> None:
             import ray.util.client  # noqa: F401
         except ImportError:
             raise ClusterError(f"--cluster {address}: a ray:// address needs Ray's client: pip install 'ray[client]==2.60.0'") from None
+    if reason := unreachable(address):
+        raise ClusterError(f"could not join the Ray cluster at {address}: {reason}")
     try:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
     except (ConnectionError, ValueError, RuntimeError, TimeoutError) as error:
         first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        if address == "auto" and "Could not find any running Ray instance" in first:
+            first = "no Ray cluster runs on this machine and RAY_ADDRESS is not set (start one with ray start --head, or give host:port)"
         raise ClusterError(f"could not join the Ray cluster at {address}: {first}") from None
+
+
+def unreachable(address: str) -> str | None:
+    """Why nothing will answer at `address` (checked in seconds: Ray itself keeps trying for minutes), else None.
+    `auto` is RAY_ADDRESS where that is set, else left to Ray (a cluster started on this machine)."""
+    named = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address
+    if not named:
+        return None
+    host, _, port = named.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return f"{named!r} is not auto, host:port or ray://host:port"
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as error:
+        return f"nothing answers at {host}:{port} ({error.strerror or error})"
+    return None
 
 
 def disconnect() -> None:
@@ -88,7 +108,8 @@ def place(nodes: list[Node], labels: dict[str, str], device: str, memory: int) -
         return f"no node in the cluster has labels {where}"
     fitting = [node for node in fitting if node.cpus >= 1 and (device != "cuda" or node.gpus >= 1)]
     if not fitting:
-        return f"no node with labels {where} has " + ("a GPU and " if device == "cuda" else "") + "a CPU Ray may use"
+        return (f"no node with labels {where}" if labels else "no node in the cluster") + " has " \
+            + ("a GPU and " if device == "cuda" else "") + "a CPU Ray may use"
     cpus = min(node.cpus for node in fitting)
     room = max(node.memory for node in fitting)
     return Placement(dict(labels), cpus, 1 if device == "cuda" else 0, min(memory, room) if room else 0)

@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         cluster.wait_for_nodes()
         print(f"simulated cluster at {cluster.address}: head and {len(args.node)} node(s) started in "
               f"{time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
-        return subprocess.run(command, env={**os.environ, "RAY_ADDRESS": cluster.address}, check=False).returncode
+        started = time.perf_counter()
+        code = subprocess.run(command, env={**os.environ, "RAY_ADDRESS": cluster.address}, check=False).returncode
+        print(f"command finished in {time.perf_counter() - started:.1f} s (exit code {code})", file=sys.stderr, flush=True)
+        return code
     finally:
         cluster.shutdown()
 
