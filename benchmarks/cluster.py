@@ -16,7 +16,6 @@ import json
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from datetime import date
@@ -85,7 +84,7 @@ def run(recipe: Path, rounds: int) -> dict:
         two_report = json.loads(Path(two_nodes["report"]).read_text())
         where = {t: (r.get("environment", {}).get("node", {}).get("labels"), r.get("reason"))
                  for t, r in two_report["baseline"]["targets"].items()}
-        ratios = [c["seconds"] / l["seconds"] for l, c in zip(local, one_node, strict=True)]
+        ratios = [one["seconds"] / alone["seconds"] for alone, one in zip(local, one_node, strict=True)]
         return {"recipe": str(recipe), "rounds": rounds, "local": local, "one_node": one_node, "two_nodes": two_nodes,
                 "one_node_over_local": ratios, "median_ratio": statistics.median(ratios), "same_figures": same,
                 "two_node_places": where,
