@@ -94,6 +94,29 @@ def test_placement_is_checked_before_submitting():
     assert place(nodes, {}, "cpu", 1 << 40).memory == 64 << 30  # never more than the roomiest node has
 
 
+def test_a_task_refuses_a_run_folder_its_node_does_not_share(tmp_path):
+    from compress.cluster import tasks
+
+    store = Store(str(tmp_path / "run"))
+    store.write_json(tasks.TOKEN, {"token": "driver's"})
+    tasks._check_store(store, "driver's")
+    with pytest.raises(RuntimeError, match="is not the driver's on this node: give --out a path every node shares"):
+        tasks._check_store(Store(str(tmp_path / "elsewhere")), "driver's")  # what a node with its own /tmp sees
+
+
+def test_an_onnx_variant_with_a_cuda_target_is_built_on_a_gpu_node(tmp_path, write_recipe):
+    from compress.cluster.driver import ClusterRun
+
+    recipe = load_recipe(write_recipe("name: r\n" + HEAD + "targets: {laptop: {device: cpu, node_labels: {place: laptop}}, "
+                                      "gpu: {device: cuda, node_labels: {place: gpu-box}}}\n" + VARIANTS))
+    nodes = [Node("a" * 8, {"place": "laptop"}, 4, 0, 8 << 30), Node("c" * 8, {"place": "gpu-box"}, 8, 1, 64 << 30)]
+    run = ClusterRun(recipe, Store(str(tmp_path / "run")), nodes, "builtin:tiny-phi4-mini", 8 << 30)
+    run.peak = 1 << 30
+    onnx, rtn = (next(v for v in recipe.variants if v.name == name) for name in ("onnx-from-rtn", "rtn-w4"))
+    assert run._producer(onnx).labels == {"place": "gpu-box"} and run._producer(onnx).gpus == 0
+    assert run._producer(rtn).labels == {} and run._producer(rtn).cpus == 4
+
+
 def test_a_local_run_never_imports_ray(tmp_path):
     code = ("import sys; import compress.cli, compress.pipeline, compress.cluster, compress.cluster.store; "
             "assert 'ray' not in sys.modules, 'ray imported'")

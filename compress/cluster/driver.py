@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import uuid
 from pathlib import Path
 
 from rich.console import Console
@@ -83,6 +84,9 @@ class ClusterRun:
         self.recipe, self.store, self.nodes, self.spec, self.budget = recipe, store, nodes, spec, budget
         self.placements: dict[str, Placement] = {}
         self.data = None  # RunData with the windows' path relative to the run folder
+        # Every task reads this back from the run folder first: a local --out that is not shared fails in one sentence.
+        self.token = uuid.uuid4().hex
+        store.write_json(tasks.TOKEN, {"token": self.token})
 
     def baseline(self, recipe, info, data, out: Path, budget: int) -> Baseline:
         """Each target's baseline on a node that is that target, all at once (stage 3's `evaluate`)."""
@@ -97,7 +101,8 @@ class ClusterRun:
                 missing[target] = placement
                 continue
             self.placements[target] = placement
-            waiting.submit(target, placement, tasks.baseline_task, self.store, recipe, target, self.spec, self.data, budget)
+            waiting.submit(target, placement, tasks.baseline_task, self.store, self.token, recipe, target, self.spec,
+                           self.data, budget)
         for target, record, error in waiting.finished():
             if error:
                 missing[target] = f"the baseline could not be measured on its node: {error}"
@@ -113,7 +118,6 @@ class ClusterRun:
         recipe, waiting = self.recipe, Waiting()
         stamps, kept, made, failed, checks, hashes = {}, [], {}, {}, {}, {}
         submitted = {}
-        anywhere = place(self.nodes, {}, "cpu", self.peak)
         for variant in recipe.variants:
             interrupts.check()
             stamps[variant.name] = variant_stamp(recipe, variant, context, stamps)
@@ -123,13 +127,14 @@ class ClusterRun:
                 checks.update({(variant.name, i): dict(outcome.verdicts) for i, outcome in enumerate(reused)})
                 kept.append(variant.name)
                 continue
-            if isinstance(anywhere, str):
-                failed[variant.name] = anywhere
+            placement = self._producer(variant)
+            if isinstance(placement, str):
+                failed[variant.name] = placement
                 continue
             source = submitted.get(variant.from_)
             submitted[variant.name] = waiting.submit(
-                ("produce", variant.name), anywhere, tasks.produce_task, self.store, recipe, variant.name, self.spec,
-                self.data, self.budget, calibration_stamp(variant, context), source)
+                ("produce", variant.name), placement, tasks.produce_task, self.store, self.token, recipe, variant.name,
+                self.spec, self.data, self.budget, calibration_stamp(variant, context), source)
         with progress_bar(console) as bar:
             task = bar.add_task("tasks", total=len(submitted))
             for key, record, error in waiting.finished():
@@ -160,6 +165,16 @@ class ClusterRun:
                 hashes[(variant.name, index)] = files
         return outcomes, kept, stamps, hashes
 
+    def _producer(self, variant) -> Placement | str:
+        """Where a variant's task runs: any node with CPUs; an ONNX variant with a CUDA target on that target's node
+        (the builder makes the onnx-cuda folder only where onnxruntime-genai has CUDA) where one has a GPU."""
+        for target in self.recipe.targets.values():
+            if variant.is_onnx and target.device == "cuda":
+                placement = place(self.nodes, target.node_labels, "cuda", self.peak)
+                if not isinstance(placement, str):
+                    return dataclasses.replace(placement, gpus=0)  # the builder needs the provider, not the device
+        return place(self.nodes, {}, "cpu", self.peak)
+
     def _submit_checks(self, waiting: Waiting, name: str, index: int, artifact: Artifact,
                        baseline: Baseline) -> tuple[dict, int]:
         """A check task per target the artifact is run on. -> (the verdicts known without one: skipped, no
@@ -174,7 +189,7 @@ class ClusterRun:
             else:
                 measured = {"result": baseline.results[target], "reference": str(baseline.references[target])}
                 waiting.submit(("verify", name, index, target), self.placements[target], tasks.verify_task, self.store,
-                               self.recipe, target, name, artifact, measured, self.spec, self.data, self.budget,
+                               self.token, self.recipe, target, name, artifact, measured, self.spec, self.data, self.budget,
                                baseline.size_bytes)
                 count += 1
         return verdicts, count

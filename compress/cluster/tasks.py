@@ -19,6 +19,7 @@ from compress.cluster.nodes import here, take_threads
 from compress.cluster.store import Store
 
 WINDOWS = "data/windows.npz"
+TOKEN = "work/cluster-run.json"  # the driver's token for this run: a node that reads it sees the run folder
 # A calibrated variant's saved calibration: what a `from:` variant and a resumed run need of it.
 CALIBRATION = ("calibrated", "calibration.json", "awq-scales.safetensors")
 
@@ -33,6 +34,13 @@ def scratch() -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _check_store(store: Store, token: str) -> None:
+    """Refuse to work on a node that does not see the driver's run folder (a local --out that is not shared)."""
+    if (store.read_json(TOKEN) or {}).get("token") != token:
+        raise RuntimeError(f"the run folder {store.uri} is not the driver's on this node: give --out a path every "
+                           "node shares (NFS) or a URI (s3://, gs://)")
+
+
 def _local_data(store: Store, data, run_dir: Path):
     store.pull(WINDOWS, run_dir / WINDOWS)
     return dataclasses.replace(data, windows_file=run_dir / WINDOWS)
@@ -42,11 +50,12 @@ def _one_target(recipe, target: str):
     return recipe.model_copy(update={"targets": {target: recipe.targets[target]}})
 
 
-def baseline_task(store: Store, recipe, target: str, model_spec: str, data, budget: int) -> dict:
+def baseline_task(store: Store, token: str, recipe, target: str, model_spec: str, data, budget: int) -> dict:
     """The original model on this node: -> {"result", "reference"} or {"missing": why}, with the node."""
     from compress.model import inspect_model
     from compress.pipeline import evaluate_baseline
 
+    _check_store(store, token)
     take_threads()
     node = here()
     with scratch() as run_dir:
@@ -62,7 +71,7 @@ def baseline_task(store: Store, recipe, target: str, model_spec: str, data, budg
         return {"result": result, "reference": reference, "size_bytes": baseline.size_bytes}
 
 
-def produce_task(store: Store, recipe, name: str, model_spec: str, data, budget: int, stamp: str,
+def produce_task(store: Store, token: str, recipe, name: str, model_spec: str, data, budget: int, stamp: str,
                  source: dict | None = None) -> dict:
     """A variant's calibration or build and every format of it, put into the run folder's staging/.
     `source`: the record of its `from:` variant's task (Ray runs this one after it), None where that was
@@ -71,6 +80,7 @@ def produce_task(store: Store, recipe, name: str, model_spec: str, data, budget:
     from compress.produce import produce
     from compress.release import file_hashes
 
+    _check_store(store, token)
     take_threads()
     node = here()
     _injected_fault(store, name)
@@ -113,13 +123,14 @@ def _injected_fault(store: Store, name: str) -> None:
         os._exit(1)
 
 
-def verify_task(store: Store, recipe, target: str, name: str, artifact, baseline: dict, model_spec: str, data,
+def verify_task(store: Store, token: str, recipe, target: str, name: str, artifact, baseline: dict, model_spec: str, data,
                 budget: int, baseline_bytes: int):
     """`artifact` (relative paths) loaded back from the run folder onto this node and checked on `target`, timed
     in turn with the baseline on a CPU as a local run does. -> its Verdict, with the node in its environment."""
     from compress.model import inspect_model
     from compress.pipeline import Baseline, baseline_speed_server, verify_artifact
 
+    _check_store(store, token)
     take_threads()
     node = here()
     variant = next(v for v in recipe.variants if v.name == name)
