@@ -26,6 +26,7 @@ VARIANTS = """variants:
   - {name: rtn-w4, method: rtn, bits: 4, group_size: 128}
   - {name: onnx-from-rtn, method: onnx-int4, from: rtn-w4, group_size: 128}
   - {name: rtn-w8, method: rtn, bits: 8, group_size: 128}
+  - {name: onnx-from-w8, method: onnx-int4, from: rtn-w8, group_size: 128}
 """
 PLACES = """targets:
   laptop: {device: cpu, required: true, node_labels: {place: laptop}}
@@ -99,9 +100,16 @@ def test_a_task_refuses_a_run_folder_its_node_does_not_share(tmp_path):
 
     store = Store(str(tmp_path / "run"))
     store.write_json(tasks.TOKEN, {"token": "driver's"})
-    tasks._check_store(store, "driver's")
     with pytest.raises(RuntimeError, match="is not the driver's on this node: give --out a path every node shares"):
-        tasks._check_store(Store(str(tmp_path / "elsewhere")), "driver's")  # what a node with its own /tmp sees
+        tasks.begin(Store(str(tmp_path / "elsewhere")), "driver's", "produce-x")  # what a node with its own /tmp sees
+
+
+def test_a_task_no_node_starts_is_given_up_after_the_placement_timeout():
+    from compress.cluster.driver import overdue
+
+    assert overdue(submitted=0.0, now=1801.0, started=False, timeout=1800)
+    assert not overdue(submitted=0.0, now=1799.0, started=False, timeout=1800)
+    assert not overdue(submitted=0.0, now=10**6, started=True, timeout=1800)  # a long calibration is never cut short
 
 
 def test_an_onnx_variant_with_a_cuda_target_is_built_on_a_gpu_node(tmp_path, write_recipe):
@@ -192,11 +200,11 @@ def test_cluster_run_places_each_target_on_its_node(cluster_runs):
 @pytest.mark.slow
 def test_a_cluster_run_answers_as_a_local_run(cluster_runs):
     """ppl, KLD and top-1 of every artifact on every target equal the local run's, to the last bit: the first
-    cluster run's two artifacts, and rtn-w8, made only by the rerun."""
+    cluster run's two artifacts, and rtn-w8 and onnx-from-w8, made only by the rerun."""
     folder, local, first = cluster_runs
     rows = {(v["name"], v["format"], t): r["metrics"] for v in local["variants"] for t, r in v["targets"].items() if r["status"] == "pass"}
     keys = ("ppl", "kld", "kld_se", "top1")
-    for cluster, expected_rows in ((first, 4), (json.loads((folder / "store" / "report.json").read_text()), 6)):
+    for cluster, expected_rows in ((first, 4), (json.loads((folder / "store" / "report.json").read_text()), 8)):
         compared = 0
         for variant in cluster["variants"]:
             for target, result in variant["targets"].items():
@@ -217,8 +225,9 @@ def test_a_failed_task_is_retried_once_then_that_variant_fails(cluster_runs):
     by_name = {v["name"]: v for v in report["variants"]}
     assert by_name["rtn-w4"]["released"] and by_name["onnx-from-rtn"]["released"]
     failed = by_name["rtn-w8"]
-    assert not failed["released"] and failed["not_released_because"] == [
-        "its task failed: its worker or its node died (WorkerCrashedError), and again when retried"]
+    died = "its task failed: its worker or its node died (WorkerCrashedError), and again when retried"
+    assert not failed["released"] and failed["not_released_because"] == [died]
+    assert by_name["onnx-from-w8"]["not_released_because"] == [f"its source rtn-w8 was not made ({died})"]
 
 
 @pytest.mark.slow
@@ -227,5 +236,6 @@ def test_a_rerun_resumes_from_the_run_folder(cluster_runs):
     second = " ".join((folder / "second.log").read_text().split())  # as one line, however the console wrapped it
     assert "unchanged since their release, skipped: rtn-w4, onnx-from-rtn" in second, second
     report = json.loads((folder / "store" / "report.json").read_text())
-    assert {v["name"]: v["released"] for v in report["variants"]} == {"rtn-w4": True, "onnx-from-rtn": True, "rtn-w8": True}
+    assert {v["name"]: v["released"] for v in report["variants"]} == {"rtn-w4": True, "onnx-from-rtn": True, "rtn-w8": True,
+                                                                      "onnx-from-w8": True}
     assert Path(folder / "store" / "release" / "rtn-w8" / "compressed-tensors" / "manifest.json").is_file()

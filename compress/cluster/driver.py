@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+import time
 import uuid
 from pathlib import Path
 
@@ -28,8 +30,10 @@ from compress.resume import calibration_stamp, released_outcomes, variant_stamp
 from compress.ui import progress_bar, stage
 from compress.verify.size import folder_bytes
 
-# Waiting this long with nothing finished, the driver looks whether each waiting task's nodes are still there.
+# Waiting this long with nothing finished, the driver looks whether each waiting task's nodes are still there
+# and whether a task has waited longer than PLACEMENT_SECONDS for a node to start it.
 BACKSTOP_SECONDS = 60
+PLACEMENT_SECONDS = float(os.environ.get("COMPRESS_CLUSTER_PLACEMENT_TIMEOUT", 1800))
 
 
 def run_on_cluster(recipe, recipe_path: str, out: str, address: str, model_spec: str | None = None,
@@ -94,15 +98,14 @@ class ClusterRun:
             self.store.push(data.windows_file, tasks.WINDOWS)
         self.data = dataclasses.replace(data, windows_file=Path(tasks.WINDOWS))
         self.peak = max(needed for needed, _ in memory.run_estimates(info, recipe, budget).values())
-        waiting, missing, results, references = Waiting(), {}, {}, {}
+        waiting, missing, results, references = Waiting(self.store, self.token), {}, {}, {}
         for target, where in recipe.targets.items():
             placement = place(self.nodes, where.node_labels, where.device, self.peak)
             if isinstance(placement, str):
                 missing[target] = placement
                 continue
             self.placements[target] = placement
-            waiting.submit(target, placement, tasks.baseline_task, self.store, self.token, recipe, target, self.spec,
-                           self.data, budget)
+            waiting.submit(target, placement, tasks.baseline_task, recipe, target, self.spec, self.data, budget)
         for target, record, error in waiting.finished():
             if error:
                 missing[target] = f"the baseline could not be measured on its node: {error}"
@@ -115,7 +118,7 @@ class ClusterRun:
     def variants(self, info, baseline: Baseline, context: dict, console: Console):
         """Every variant's task, and every (artifact, target) check as its variant's task finishes.
         -> (outcomes in recipe order, variants kept from an earlier release, stamps, files' hashes)."""
-        recipe, waiting = self.recipe, Waiting()
+        recipe, waiting = self.recipe, Waiting(self.store, self.token)
         stamps, kept, made, failed, checks, hashes = {}, [], {}, {}, {}, {}
         submitted = {}
         for variant in recipe.variants:
@@ -133,7 +136,7 @@ class ClusterRun:
                 continue
             source = submitted.get(variant.from_)
             submitted[variant.name] = waiting.submit(
-                ("produce", variant.name), placement, tasks.produce_task, self.store, self.token, recipe, variant.name,
+                ("produce", variant.name), placement, tasks.produce_task, recipe, variant.name,
                 self.spec, self.data, self.budget, calibration_stamp(variant, context), source)
         with progress_bar(console) as bar:
             task = bar.add_task("tasks", total=len(submitted))
@@ -142,8 +145,7 @@ class ClusterRun:
                 if key[0] == "produce":
                     name = key[1]
                     if error:
-                        source = next(v.from_ for v in recipe.variants if v.name == name)
-                        failed[name] = f"its source {source} was not made" if source in failed else f"its task failed: {error}"
+                        failed[name] = f"its task failed: {error}"
                         continue
                     made[name] = record["artifacts"]
                     for index, (artifact, _files) in enumerate(record["artifacts"]):
@@ -154,7 +156,9 @@ class ClusterRun:
                     checks[(name, index)][target] = record if not error else Verdict(
                         target, FAIL, {}, [f"the check on its node failed: {error}"])
         outcomes = []
-        for variant in recipe.variants:
+        for variant in recipe.variants:  # a source comes before the variants that name it in from:
+            if variant.from_ in failed and variant.name in failed:  # Ray failed it with its source's error
+                failed[variant.name] = f"its source {variant.from_} was not made ({failed[variant.from_]})"
             if variant.name in failed:
                 outcomes.append(self._failure(variant, failed[variant.name]))
                 continue
@@ -188,8 +192,7 @@ class ClusterRun:
                 verdicts[target] = Verdict(target, NOT_VERIFIED, {}, [baseline.missing[target]])
             else:
                 measured = {"result": baseline.results[target], "reference": str(baseline.references[target])}
-                waiting.submit(("verify", name, index, target), self.placements[target], tasks.verify_task, self.store,
-                               self.token, self.recipe, target, name, artifact, measured, self.spec, self.data, self.budget,
+                waiting.submit(("verify", name, index, target), self.placements[target], tasks.verify_task, self.recipe, target, name, artifact, measured, self.spec, self.data, self.budget,
                                baseline.size_bytes)
                 count += 1
         return verdicts, count
@@ -232,16 +235,19 @@ class ClusterRun:
 
 class Waiting:
     """Submitted tasks by key; `finished()` yields (key, result, None) or (key, None, error sentence) as they end,
-    including tasks submitted while it runs."""
+    including tasks submitted while it runs. Each task gets the run folder, the run's token and a name under which
+    it says it started (tasks.begin)."""
 
-    def __init__(self):
-        self._refs: dict = {}  # ObjectRef -> (key, placement)
+    def __init__(self, store: Store, token: str):
+        self.store, self.token = store, token
+        self._refs: dict = {}  # ObjectRef -> (key, placement, marker, submitted at)
 
     def submit(self, key, placement: Placement, function, *arguments):
         import ray
 
-        ref = ray.remote(function).options(**placement.options()).remote(*arguments)
-        self._refs[ref] = (key, placement)
+        marker = "-".join(str(part) for part in (key if isinstance(key, tuple) else (key,)))
+        ref = ray.remote(function).options(**placement.options()).remote(self.store, self.token, marker, *arguments)
+        self._refs[ref] = (key, placement, marker, time.monotonic())
         return ref
 
     def finished(self):
@@ -252,22 +258,36 @@ class Waiting:
             if not ready:
                 yield from self._lost()
                 continue
-            key, _ = self._refs.pop(ready[0])
+            key = self._refs.pop(ready[0])[0]
             try:
                 yield key, ray.get(ready[0]), None
             except ray.exceptions.RayError as error:
                 yield key, None, one_sentence(error)
 
     def _lost(self):
-        """The backstop: tasks whose every matching node has left the cluster are given up, not waited on."""
+        """The backstop: tasks whose every matching node has left the cluster, and tasks no node has started in
+        PLACEMENT_SECONDS, are given up, not waited on (a task that started is never timed out: a calibration
+        may take hours)."""
         import ray
 
-        nodes = alive_nodes()
-        for ref, (key, placement) in list(self._refs.items()):
+        nodes, now = alive_nodes(), time.monotonic()
+        for ref, (key, placement, marker, submitted) in list(self._refs.items()):
             if not any(node.matches(placement.labels) for node in nodes):
-                ray.cancel(ref, force=True)
-                del self._refs[ref]
-                yield key, None, f"no node in the cluster has labels {placement.labels} any more"
+                why = f"no node in the cluster has labels {placement.where()} any more"
+            elif overdue(submitted, now, self.store.exists(f"{tasks.STARTED}/{marker}.json"), PLACEMENT_SECONDS):
+                why = (f"no node with labels {placement.where()} started it within {PLACEMENT_SECONDS:.0f} s (its "
+                       f"{placement.cpus} CPU(s), {placement.gpus} GPU(s) and {placement.memory / 2**30:.1f} GiB were never "
+                       "free there; COMPRESS_CLUSTER_PLACEMENT_TIMEOUT sets the wait)")
+            else:
+                continue
+            ray.cancel(ref, force=True)
+            del self._refs[ref]
+            yield key, None, why
+
+
+def overdue(submitted: float, now: float, started: bool, timeout: float) -> bool:
+    """Whether a task has waited for a node longer than `timeout` seconds without starting."""
+    return not started and now - submitted > timeout
 
 
 def one_sentence(error) -> str:

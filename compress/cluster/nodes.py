@@ -90,6 +90,9 @@ class Placement:
     gpus: int
     memory: int
 
+    def where(self) -> str:
+        return "{" + ", ".join(f"{k}: {v}" for k, v in self.labels.items()) + "}"
+
     def options(self) -> dict:
         options = {"num_cpus": self.cpus, "num_gpus": self.gpus, "max_retries": 1}
         if self.memory:

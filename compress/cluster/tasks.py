@@ -20,6 +20,7 @@ from compress.cluster.store import Store
 
 WINDOWS = "data/windows.npz"
 TOKEN = "work/cluster-run.json"  # the driver's token for this run: a node that reads it sees the run folder
+STARTED = "work/started"  # each task's mark that a node started it (the driver's placement backstop reads them)
 # A calibrated variant's saved calibration: what a `from:` variant and a resumed run need of it.
 CALIBRATION = ("calibrated", "calibration.json", "awq-scales.safetensors")
 
@@ -34,11 +35,16 @@ def scratch() -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _check_store(store: Store, token: str) -> None:
-    """Refuse to work on a node that does not see the driver's run folder (a local --out that is not shared)."""
+def begin(store: Store, token: str, marker: str) -> dict:
+    """Refuse to work on a node that does not see the driver's run folder (a local --out that is not shared);
+    else mark the task started, take the CPUs Ray gave it, and -> the node it runs on."""
     if (store.read_json(TOKEN) or {}).get("token") != token:
         raise RuntimeError(f"the run folder {store.uri} is not the driver's on this node: give --out a path every "
                            "node shares (NFS) or a URI (s3://, gs://)")
+    take_threads()
+    node = here()
+    store.write_json(f"{STARTED}/{marker}.json", node)
+    return node
 
 
 def _local_data(store: Store, data, run_dir: Path):
@@ -50,14 +56,12 @@ def _one_target(recipe, target: str):
     return recipe.model_copy(update={"targets": {target: recipe.targets[target]}})
 
 
-def baseline_task(store: Store, token: str, recipe, target: str, model_spec: str, data, budget: int) -> dict:
+def baseline_task(store: Store, token: str, marker: str, recipe, target: str, model_spec: str, data, budget: int) -> dict:
     """The original model on this node: -> {"result", "reference"} or {"missing": why}, with the node."""
     from compress.model import inspect_model
     from compress.pipeline import evaluate_baseline
 
-    _check_store(store, token)
-    take_threads()
-    node = here()
+    node = begin(store, token, marker)
     with scratch() as run_dir:
         info = inspect_model(model_spec)
         baseline = evaluate_baseline(_one_target(recipe, target), info, _local_data(store, data, run_dir), run_dir,
@@ -71,7 +75,7 @@ def baseline_task(store: Store, token: str, recipe, target: str, model_spec: str
         return {"result": result, "reference": reference, "size_bytes": baseline.size_bytes}
 
 
-def produce_task(store: Store, token: str, recipe, name: str, model_spec: str, data, budget: int, stamp: str,
+def produce_task(store: Store, token: str, marker: str, recipe, name: str, model_spec: str, data, budget: int, stamp: str,
                  source: dict | None = None) -> dict:
     """A variant's calibration or build and every format of it, put into the run folder's staging/.
     `source`: the record of its `from:` variant's task (Ray runs this one after it), None where that was
@@ -80,13 +84,13 @@ def produce_task(store: Store, token: str, recipe, name: str, model_spec: str, d
     from compress.produce import produce
     from compress.release import file_hashes
 
-    _check_store(store, token)
-    take_threads()
-    node = here()
+    node = begin(store, token, marker)
     _injected_fault(store, name)
     variant = next(v for v in recipe.variants if v.name == name)
     with scratch() as run_dir:
         info = inspect_model(model_spec)
+        if not _fits_beside_speed_server(info, recipe, budget):
+            close_speed_servers()
         for owner in filter(None, (name, variant.from_)):  # a calibration saved earlier, the source's calibration
             for part in CALIBRATION:
                 store.pull(f"work/{owner}/{part}", run_dir / "work" / owner / part)
@@ -109,6 +113,15 @@ def produce_task(store: Store, token: str, recipe, name: str, model_spec: str, d
         return {"artifacts": records, "node": node}
 
 
+def _fits_beside_speed_server(info, recipe, budget: int) -> bool:
+    """Whether every stage fits beside a kept baseline speed server (compress.pipeline.run's rule)."""
+    from compress import memory
+
+    shapes = memory.Shapes.from_info(info)
+    stages = memory.run_estimates(info, recipe, budget).values()
+    return memory.baseline_whole_model_cpu(shapes, recipe.evaluation.seq_len) + max(n for n, _ in stages) <= budget
+
+
 def _injected_fault(store: Store, name: str) -> None:
     """For the tests of retries: COMPRESS_CLUSTER_FAULT=variant:times[,variant:times] makes that variant's task end
     its worker process abruptly (as a killed worker or a lost node does) the first `times` times it starts."""
@@ -123,16 +136,14 @@ def _injected_fault(store: Store, name: str) -> None:
         os._exit(1)
 
 
-def verify_task(store: Store, token: str, recipe, target: str, name: str, artifact, baseline: dict, model_spec: str, data,
+def verify_task(store: Store, token: str, marker: str, recipe, target: str, name: str, artifact, baseline: dict, model_spec: str, data,
                 budget: int, baseline_bytes: int):
     """`artifact` (relative paths) loaded back from the run folder onto this node and checked on `target`, timed
     in turn with the baseline on a CPU as a local run does. -> its Verdict, with the node in its environment."""
     from compress.model import inspect_model
     from compress.pipeline import Baseline, baseline_speed_server, verify_artifact
 
-    _check_store(store, token)
-    take_threads()
-    node = here()
+    node = begin(store, token, marker)
     variant = next(v for v in recipe.variants if v.name == name)
     one = _one_target(recipe, target)
     with scratch() as run_dir:
@@ -145,7 +156,37 @@ def verify_task(store: Store, token: str, recipe, target: str, name: str, artifa
         local = dataclasses.replace(artifact, path=run_dir / artifact.path,
                                     runnable=run_dir / artifact.runnable if artifact.runnable else None)
         measured = Baseline(baseline_bytes, {target: baseline["result"]}, {target: reference}, {})
-        with baseline_speed_server(one, info, local_data, run_dir) as speed:
-            verdict = verify_artifact(one, variant, local, measured, local_data, run_dir, info, budget, speed)[target]
+        speed = _kept_speed_server(f"{token}-{target}", lambda folder: baseline_speed_server(
+            one, info, dataclasses.replace(local_data, windows_file=_copy(local_data.windows_file, folder)), folder))
+        verdict = verify_artifact(one, variant, local, measured, local_data, run_dir, info, budget, speed)[target]
         verdict.environment["node"] = node
         return verdict
+
+
+# The baseline's speed server of this run and target, kept in the worker process between its check tasks (Ray
+# reuses a job's workers), as a local run keeps one between artifacts: loaded once per node, not once per check.
+_SPEED: dict[str, tuple] = {}  # key -> (KeptServer, its folder)
+
+
+def _kept_speed_server(key: str, start):
+    """The kept server for `key` (`start(folder)` makes it the first time); any other key's is closed first."""
+    for other in [k for k in _SPEED if k != key]:
+        close_speed_servers(other)
+    if key not in _SPEED:
+        folder = Path(tempfile.mkdtemp(prefix="compress-speed-", dir=os.environ.get("COMPRESS_SCRATCH")))
+        _SPEED[key] = (start(folder), folder)
+    return _SPEED[key][0]
+
+
+def close_speed_servers(key: str | None = None) -> None:
+    """Close the kept speed server of `key`, or every one (before a stage that needs their memory)."""
+    for name in [key] if key else list(_SPEED):
+        if name in _SPEED:
+            server, folder = _SPEED.pop(name)
+            server.close()
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _copy(file: Path, folder: Path) -> Path:
+    shutil.copy2(file, folder / file.name)
+    return folder / file.name
