@@ -104,7 +104,8 @@ def render(results: dict) -> str:
              f"{env['load_average_at_start']}. Recipe `{results['recipe']}`; {results['rounds']} round(s), local and "
              "one-node cluster run in turn, each with a fresh baseline cache. Cluster runs: compress.cluster.simulate "
              "in a loopback-only namespace; seconds are the compress command's own (the cluster's start excluded, "
-             "shown apart).", "",
+             "shown apart). Others' CPU: the share of the machine's CPU used outside the command's process tree "
+             "while it ran; a cluster run's work happens in the nodes' Ray workers, which are outside it.", "",
              "| round | local s | one-node cluster s | ratio | cluster start s | others' CPU (local, cluster) |", "|---|---:|---:|---:|---:|---|"]
     for index, (local, one) in enumerate(zip(results["local"], results["one_node"], strict=True)):
         lines.append(f"| {index + 1} | {local['seconds']:.1f} | {one['seconds']:.1f} | {one['seconds'] / local['seconds']:.3f} | "

@@ -25,8 +25,8 @@ HEAD = ("model: builtin:tiny-phi4-mini\ncalibration: {dataset: builtin:pydoc-cal
 VARIANTS = """variants:
   - {name: rtn-w4, method: rtn, bits: 4, group_size: 128}
   - {name: onnx-from-rtn, method: onnx-int4, from: rtn-w4, group_size: 128}
-  - {name: rtn-w8, method: rtn, bits: 8, group_size: 128}
-  - {name: onnx-from-w8, method: onnx-int4, from: rtn-w8, group_size: 128}
+  - {name: rtn-g64, method: rtn, bits: 4, group_size: 64}
+  - {name: onnx-from-g64, method: onnx-int4, from: rtn-g64, group_size: 64}
 """
 PLACES = """targets:
   laptop: {device: cpu, required: true, node_labels: {place: laptop}}
@@ -166,7 +166,7 @@ def cluster_runs(tmp_path_factory):
     compress = f"{sys.executable} -m compress.cli run {folder / 'cluster.yaml'} --cluster auto --out file://{folder / 'store'}"
     script = (f"ip link set lo up && ip -o link show > {folder / 'links.txt'} && "
               # the nodes' workers take the fault from the environment the nodes were started in
-              f"COMPRESS_CLUSTER_FAULT=rtn-w4:1,rtn-w8:2 {sys.executable} -m compress.cluster.simulate --node place=laptop:2 "
+              f"COMPRESS_CLUSTER_FAULT=rtn-w4:1,rtn-g64:2 {sys.executable} -m compress.cluster.simulate --node place=laptop:2 "
               f"--node place=edge:2 -- bash -c '{compress} > {folder / 'first.log'} 2>&1; echo $? > {folder / 'first.rc'}; "
               f"cp {folder / 'store' / 'report.json'} {folder / 'first-report.json'}; "
               f"{compress} > {folder / 'second.log'} 2>&1; echo $? > {folder / 'second.rc'}'")
@@ -183,7 +183,7 @@ def cluster_runs(tmp_path_factory):
 def test_cluster_run_places_each_target_on_its_node(cluster_runs):
     folder, _, report = cluster_runs
     assert (folder / "links.txt").read_text().split(":")[1].strip() == "lo" and len((folder / "links.txt").read_text().splitlines()) == 1
-    assert (folder / "first.rc").read_text().strip() == "1", (folder / "first.log").read_text()  # rtn-w8 failed
+    assert (folder / "first.rc").read_text().strip() == "1", (folder / "first.log").read_text()  # rtn-g64 failed
     nodes = {target: result["environment"]["node"] for target, result in report["baseline"]["targets"].items() if "environment" in result}
     assert {t: n["labels"] for t, n in nodes.items()} == {"laptop": {"place": "laptop"}, "edge": {"place": "edge"}}
     assert nodes["laptop"]["node_id"] != nodes["edge"]["node_id"]
@@ -200,7 +200,7 @@ def test_cluster_run_places_each_target_on_its_node(cluster_runs):
 @pytest.mark.slow
 def test_a_cluster_run_answers_as_a_local_run(cluster_runs):
     """ppl, KLD and top-1 of every artifact on every target equal the local run's, to the last bit: the first
-    cluster run's two artifacts, and rtn-w8 and onnx-from-w8, made only by the rerun."""
+    cluster run's two artifacts, and rtn-g64 and onnx-from-g64, made only by the rerun."""
     folder, local, first = cluster_runs
     rows = {(v["name"], v["format"], t): r["metrics"] for v in local["variants"] for t, r in v["targets"].items() if r["status"] == "pass"}
     keys = ("ppl", "kld", "kld_se", "top1")
@@ -221,13 +221,13 @@ def test_a_failed_task_is_retried_once_then_that_variant_fails(cluster_runs):
     folder, _, report = cluster_runs
     store = Store(f"file://{folder / 'store'}")
     assert store.read_json("faults/rtn-w4.json") == {"started": 2}  # killed once, retried, then done
-    assert store.read_json("faults/rtn-w8.json") == {"started": 3}  # killed twice, given up; the rerun's start made it
+    assert store.read_json("faults/rtn-g64.json") == {"started": 3}  # killed twice, given up; the rerun's start made it
     by_name = {v["name"]: v for v in report["variants"]}
     assert by_name["rtn-w4"]["released"] and by_name["onnx-from-rtn"]["released"]
-    failed = by_name["rtn-w8"]
+    failed = by_name["rtn-g64"]
     died = "its task failed: its worker or its node died (WorkerCrashedError), and again when retried"
     assert not failed["released"] and failed["not_released_because"] == [died]
-    assert by_name["onnx-from-w8"]["not_released_because"] == [f"its source rtn-w8 was not made ({died})"]
+    assert by_name["onnx-from-g64"]["not_released_because"] == [f"its source rtn-g64 was not made ({died})"]
 
 
 @pytest.mark.slow
@@ -236,6 +236,6 @@ def test_a_rerun_resumes_from_the_run_folder(cluster_runs):
     second = " ".join((folder / "second.log").read_text().split())  # as one line, however the console wrapped it
     assert "unchanged since their release, skipped: rtn-w4, onnx-from-rtn" in second, second
     report = json.loads((folder / "store" / "report.json").read_text())
-    assert {v["name"]: v["released"] for v in report["variants"]} == {"rtn-w4": True, "onnx-from-rtn": True, "rtn-w8": True,
-                                                                      "onnx-from-w8": True}
-    assert Path(folder / "store" / "release" / "rtn-w8" / "compressed-tensors" / "manifest.json").is_file()
+    assert {v["name"]: v["released"] for v in report["variants"]} == {"rtn-w4": True, "onnx-from-rtn": True, "rtn-g64": True,
+                                                                      "onnx-from-g64": True}
+    assert Path(folder / "store" / "release" / "rtn-g64" / "compressed-tensors" / "manifest.json").is_file()
