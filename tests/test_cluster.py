@@ -125,6 +125,16 @@ def test_an_onnx_variant_with_a_cuda_target_is_built_on_a_gpu_node(tmp_path, wri
     assert run._producer(rtn).labels == {} and run._producer(rtn).cpus == 4
 
 
+def test_a_run_folder_that_cannot_be_opened_or_written_is_bad_input():
+    """Checked before the cluster is joined: one sentence, exit code 2."""
+    recipe = str(ROOT / "recipes" / "tiny-phi4-mini.yaml")
+    for out, sentence in (("file:///proc/compress-run", "--out file:///proc/compress-run: the run folder cannot be written"),
+                          ("nosuch://bucket/run", "--out nosuch://bucket/run:")):
+        result = run_cli("run", recipe, "--cluster", "127.0.0.1:9", "--out", out)
+        assert result.returncode == 2 and f"error: {sentence}" in result.stdout, result.stdout + result.stderr
+        assert "Traceback" not in result.stdout + result.stderr
+
+
 def test_a_local_run_never_imports_ray(tmp_path):
     code = ("import sys; import compress.cli, compress.pipeline, compress.cluster, compress.cluster.store; "
             "assert 'ray' not in sys.modules, 'ray imported'")

@@ -42,6 +42,7 @@ def run_on_cluster(recipe, recipe_path: str, out: str, address: str, model_spec:
     -> the report (also written to the run folder's report.json)."""
     console = console or Console()
     store = Store(out)
+    store.check_writable()
     local = store.local or cache_root() / "cluster-runs" / hashlib.sha256(store.uri.encode()).hexdigest()[:16]
     budget = int(max_memory_gib * memory.GIB) if max_memory_gib else memory.default_budget()
     spec = model_spec or recipe.model

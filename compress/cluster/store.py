@@ -35,6 +35,15 @@ class Store:
         # A plain path: the driver works in the run folder itself (a URI, even file://, goes through copies).
         self.local = Path(self.root) if "://" not in self.uri else None
 
+    def check_writable(self) -> None:
+        """Write and delete a probe, so that a run folder nobody may write fails before any work, in one sentence."""
+        probe = f".write-test-{uuid.uuid4().hex[:8]}"
+        try:
+            self.write_json(probe, {})
+            self.delete(probe)
+        except OSError as error:
+            raise StoreError(f"--out {self.uri}: the run folder cannot be written ({str(error).splitlines()[0]})") from None
+
     def __reduce__(self):  # pyarrow file systems pickle, but a store is cheaper rebuilt from its URI on the node
         return (Store, (self.uri,))
 
