@@ -49,11 +49,13 @@ def expected_formats(recipe: Recipe, variant: Variant) -> list[str]:
 
 
 def released_outcomes(recipe: Recipe, variant: Variant, out: Path, stamp: str,
-                      current: Callable[[Path, str], dict | None] = release_is_current) -> list[Outcome] | None:
-    """The variant's outcomes from an earlier run, when every format was released from the same inputs
-    (`current(folder, stamp)`: its manifest where the folder is current, as compress.release judges on disk)."""
+                      current: Callable[[Path, str], dict | None] = release_is_current,
+                      formats: list[str] | None = None) -> list[Outcome] | None:
+    """The variant's outcomes from an earlier run, when every format (`formats`, else those this machine makes)
+    was released from the same inputs (`current(folder, stamp)`: its manifest where the folder is current, as
+    compress.release judges on disk)."""
     outcomes = []
-    for fmt in expected_formats(recipe, variant):
+    for fmt in formats or expected_formats(recipe, variant):
         folder = out / "release" / variant.name / fmt
         manifest = current(folder, stamp)
         if manifest is None:

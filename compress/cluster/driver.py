@@ -89,6 +89,7 @@ class ClusterRun:
         self.recipe, self.store, self.nodes, self.spec, self.budget = recipe, store, nodes, spec, budget
         self.placements: dict[str, Placement] = {}
         self.data = None  # RunData with the windows' path relative to the run folder
+        self.peak = 0  # the run's largest stage estimate: the memory each task asks for (set with the baseline)
         # Every task reads this back from the run folder first: a local --out that is not shared fails in one sentence.
         self.token = uuid.uuid4().hex
         store.write_json(tasks.TOKEN, {"token": self.token})
@@ -125,7 +126,8 @@ class ClusterRun:
         for variant in recipe.variants:
             interrupts.check()
             stamps[variant.name] = variant_stamp(recipe, variant, context, stamps)
-            reused = released_outcomes(recipe, variant, Path(""), stamps[variant.name], self._current)
+            reused = released_outcomes(recipe, variant, Path(""), stamps[variant.name], self._current,
+                                       self._formats(variant))
             if reused is not None:
                 made[variant.name] = [(outcome.artifact, None) for outcome in reused]
                 checks.update({(variant.name, i): dict(outcome.verdicts) for i, outcome in enumerate(reused)})
@@ -169,6 +171,13 @@ class ClusterRun:
                 outcomes.append(Outcome(artifact, verdicts, not reasons, reasons))
                 hashes[(variant.name, index)] = files
         return outcomes, kept, stamps, hashes
+
+    def _formats(self, variant) -> list[str]:
+        """The formats a variant's task makes: an ONNX variant's onnx-cuda where a node with a GPU is a target."""
+        if not variant.is_onnx:
+            return list(variant.formats)
+        gpu = any(self.recipe.device(target) == "cuda" for target in self.placements)
+        return ["onnx"] + (["onnx-cuda"] if gpu else [])
 
     def _producer(self, variant) -> Placement | str:
         """Where a variant's task runs: any node with CPUs; an ONNX variant with a CUDA target on that target's node
