@@ -99,7 +99,7 @@ def preflight(recipe: Recipe, model_spec: str, console: Console, out: Path, budg
     if disk_needed > disk_free:
         raise ModelError(f"the run needs about {disk_needed / 2**20:.0f} MiB of disk in {out} but only "
                          f"{disk_free / 2**20:.0f} MiB is free; free some space or choose another --out")
-    gpu_targets = [target for target, place in recipe.targets.items() if place.device == "cuda" and not place.node_labels]
+    gpu_targets = [target for target, place in recipe.targets.items() if recipe.device(target) == "cuda" and not place.node_labels]
     if gpu_targets and (free := free_device_memory("cuda")) is not None:
         device_verify = info.weight_bytes + 2 * recipe.evaluation.seq_len * int(config["vocab_size"]) * 4 + 512 * 2**20
         console.print(f"   GPU memory needed to verify: {device_verify / gib:.1f} GiB; free {free / gib:.1f} GiB")
@@ -185,7 +185,7 @@ def evaluate_baseline(recipe: Recipe, info: ModelInfo, data: RunData, run_dir: P
     versions = package_versions()
     shapes = memory.Shapes.from_info(info)
     for target, place in recipe.targets.items():
-        device = place.device
+        device = recipe.device(target)
         reason = availability(device) or (None if placed or not place.node_labels else unplaced(place))
         if reason:
             missing[target] = reason
@@ -233,8 +233,8 @@ def verify_artifact(recipe: Recipe, variant: Variant, artifact: Artifact, baseli
     gates = recipe.gates_for(variant).model_dump()
     runtime = artifact.runtime if artifact.runtime in ("transformers", "llama.cpp") else "onnxruntime-genai"
     verdicts = {}
-    for target, place in recipe.targets.items():
-        device = place.device
+    for target in recipe.targets:
+        device = recipe.device(target)
         if target in artifact.skipped:
             status, why = artifact.skipped[target]
             verdicts[target] = Verdict(target, status, {}, [why])

@@ -418,7 +418,7 @@ class Recipe(Strict):
     model: str
     calibration: Calibration = Calibration()
     evaluation: Evaluation = Evaluation()
-    targets: dict[str, Target] = {"cpu": Target(required=True)}
+    targets: dict[str, Target] = {"cpu": Target(device="cpu", required=True)}
     gates: Gates = Gates()
     variants: list[Variant]
 
@@ -451,12 +451,13 @@ class Recipe(Strict):
         return placed
 
     def device(self, target: str) -> str:
-        """The device of the target named `target`: cpu or cuda."""
-        return self.targets[target].device
+        """The device of the target named `target`: cpu or cuda (a target made without validation, by
+        model_copy, that names none is its name's)."""
+        return self.targets[target].device or target
 
     def devices(self) -> list[str]:
         """The devices the targets name, in the order they are first listed."""
-        return list(dict.fromkeys(target.device for target in self.targets.values()))
+        return list(dict.fromkeys(self.device(name) for name in self.targets))
 
     @field_validator("variants")
     @classmethod

@@ -102,7 +102,7 @@ class ClusterRun:
         self.peak = max(needed for needed, _ in memory.run_estimates(info, recipe, budget).values())
         waiting, missing, results, references = Waiting(self.store, self.token), {}, {}, {}
         for target, where in recipe.targets.items():
-            placement = place(self.nodes, where.node_labels, where.device, self.peak)
+            placement = place(self.nodes, where.node_labels, recipe.device(target), self.peak)
             if isinstance(placement, str):
                 missing[target] = placement
                 continue
@@ -182,8 +182,8 @@ class ClusterRun:
     def _producer(self, variant) -> Placement | str:
         """Where a variant's task runs: any node with CPUs; an ONNX variant with a CUDA target on that target's node
         (the builder makes the onnx-cuda folder only where onnxruntime-genai has CUDA) where one has a GPU."""
-        for target in self.recipe.targets.values():
-            if variant.is_onnx and target.device == "cuda":
+        for name, target in self.recipe.targets.items():
+            if variant.is_onnx and self.recipe.device(name) == "cuda":
                 placement = place(self.nodes, target.node_labels, "cuda", self.peak)
                 if not isinstance(placement, str):
                     return dataclasses.replace(placement, gpus=0)  # the builder needs the provider, not the device
