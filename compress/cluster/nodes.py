@@ -36,8 +36,16 @@ def connect(address: str) -> None:
 
 def unreachable(address: str) -> str | None:
     """Why nothing will answer at `address` (checked in seconds: Ray itself keeps trying for minutes), else None.
-    `auto` is RAY_ADDRESS where that is set, else left to Ray (a cluster started on this machine)."""
-    named = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address
+    `auto` is what Ray makes of it: RAY_ADDRESS, else a cluster whose processes run on this machine, which may be
+    one this process cannot reach (another network namespace)."""
+    named = address
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address  # how ray.init reads "auto" (ray 2.60.0)
+
+        try:
+            named = canonicalize_bootstrap_address("auto") or ""
+        except (ConnectionError, ValueError):  # none found: ray.init says so in its own sentence
+            return None
     if not named:
         return None
     host, _, port = named.removeprefix("ray://").rpartition(":")
