@@ -89,7 +89,7 @@ CASES = [
     ("from a missing variant", lambda t: recipe_text() + "  - {name: o, method: onnx-int4, from: zz}\n", "no earlier variant is named 'zz'"),
     ("empty variant list", lambda t: recipe_text().split("variants:")[0] + "variants: []\n", "list at least one variant"),
     ("unsupported format", lambda t: recipe_text().replace("method: rtn", "method: rtn, formats: [onnx]"), "cannot write 'onnx'"),
-    ("unknown target", lambda t: recipe_text() + "targets: {cpu: {required: true}, tpu: {required: true}}\n", "unknown target 'tpu'"),
+    ("unknown target", lambda t: recipe_text() + "targets: {cpu: {required: true}, tpu: {required: true}}\n", "tpu: say which device it is, device: cpu or device: cuda"),
     ("missing model path", lambda t: recipe_text(model=str(t / "nowhere")), "does not exist"),
     ("folder that is not a model", lambda t: recipe_text(model=_folder(t / "empty")), "is not a model folder: config.json is missing"),
     ("non-Phi-3 architecture", lambda t: recipe_text(model=str(model_copy(t, lambda f: _edit_json(
