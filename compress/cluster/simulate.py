@@ -28,7 +28,6 @@ def parse_node(text: str) -> tuple[dict[str, str], int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--node", action="append", default=[], help="a worker node: key=value[,key=value][:cpus]")
-    parser.add_argument("--client-port", type=int, help="also serve Ray's client on this port (ray://127.0.0.1:PORT)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run against the cluster (after --)")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -37,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray.cluster_utils import Cluster
 
     started = time.perf_counter()
-    head = {"num_cpus": 0} | ({"ray_client_server_port": args.client_port} if args.client_port else {})
-    cluster = Cluster(initialize_head=True, head_node_args=head)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     try:
         for text in args.node:
             labels, cpus = parse_node(text)
