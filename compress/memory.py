@@ -245,6 +245,13 @@ def onnx_build(shapes: Shapes, method: str, from_float: bool = False, head_round
     return OVERHEAD + max(layers, rounding, carried)
 
 
+def speed_server_fits_beside_every_stage(info, recipe, budget: int) -> bool:
+    """Whether the baseline's speed server (the whole model in transformers) may stay loaded beside every stage of
+    the run; else it is closed before each stage that touches the float model."""
+    stages = run_estimates(info, recipe, budget).values()
+    return baseline_whole_model_cpu(Shapes.from_info(info), recipe.evaluation.seq_len) + max(n for n, _ in stages) <= budget
+
+
 def give_back_freed_memory() -> None:
     """Return freed heap pages to the system (glibc keeps them otherwise): after a layer-by-layer stage the
     main process would go on holding its peak while the builder and workers it starts add theirs."""

@@ -375,9 +375,7 @@ def run(recipe: Recipe, recipe_path: str, out: Path, model_spec: str | None = No
     stamps: dict[str, str] = {}
     kept: list[str] = []
     # The baseline's speed server stays loaded between artifacts unless a stage needs its memory.
-    shapes = memory.Shapes.from_info(info)
-    stages = memory.run_estimates(info, recipe, budget).values()
-    beside_every_stage = memory.baseline_whole_model_cpu(shapes, recipe.evaluation.seq_len) + max(n for n, _ in stages) <= budget
+    beside_every_stage = memory.speed_server_fits_beside_every_stage(info, recipe, budget)
     with stage(console, 4, "Quantize, export, verify", spinner=False) as line, \
             baseline_speed_server(recipe, info, data, out) as baseline_speed:
         with progress_bar(console) as bar:

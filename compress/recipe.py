@@ -55,6 +55,7 @@ CANDIDATE = re.compile(r"^(?:(?P<bits>[234568])g(?P<group>-1|\d+)|keep)$")
 # The IQ1/IQ2 types are unusable without an importance matrix: llama-quantize refuses them.
 GGUF_NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S")
 TARGETS = ("cpu", "cuda")
+NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # recipe, variant and target names: safe as folder names
 BITS = (2, 3, 4, 5, 6, 8)  # pack-quantized holds any width; transformers runs them all, vLLM's kernels 4 and 8
 ONNX_ALGORITHMS = ("default", "rtn", "k_quant")
 # Kept at higher precision: lm_head and embeddings at 8 bits and mlp.down_proj at 8 bits, the fixes reported
@@ -119,8 +120,12 @@ class Target(Strict):
     node_labels: dict[str, str] = {}  # on a cluster (`--cluster`), the labels a node must carry to be this target
 
     def where(self) -> str:
-        """The labels as the report and the errors say them: {place: laptop}."""
-        return "{" + ", ".join(f"{key}: {value}" for key, value in self.node_labels.items()) + "}"
+        return labels_text(self.node_labels)
+
+
+def labels_text(labels: dict[str, str]) -> str:
+    """Node labels as the report and the errors say them: {place: laptop}."""
+    return "{" + ", ".join(f"{key}: {value}" for key, value in labels.items()) + "}"
 
 
 class Gates(Strict):
@@ -182,7 +187,7 @@ class Override(Strict):
 
 
 class Variant(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=f"^{NAME}$")
     method: str
     bits: int = 4
     group_size: int = 128  # for ONNX methods: the builder's block size
@@ -414,7 +419,7 @@ class Variant(Strict):
 
 
 class Recipe(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=f"^{NAME}$")
     model: str
     calibration: Calibration = Calibration()
     evaluation: Evaluation = Evaluation()
@@ -440,7 +445,7 @@ class Recipe(Strict):
     def known_targets(cls, value: dict[str, Target]) -> dict[str, Target]:
         placed = {}
         for name, target in value.items():
-            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            if not re.fullmatch(NAME, name):
                 raise ValueError(f"target name {name!r}: use letters, digits, '.', '_' and '-'")
             if target.device is None and name not in TARGETS:
                 raise ValueError(f"{name}: say which device it is, device: cpu or device: cuda (only the names "
@@ -451,9 +456,8 @@ class Recipe(Strict):
         return placed
 
     def device(self, target: str) -> str:
-        """The device of the target named `target`: cpu or cuda (a target made without validation, by
-        model_copy, that names none is its name's)."""
-        return self.targets[target].device or target
+        """The device of the target named `target`: cpu or cuda."""
+        return self.targets[target].device
 
     def devices(self) -> list[str]:
         """The devices the targets name, in the order they are first listed."""

@@ -24,7 +24,7 @@ from compress.check import (
 from compress.data import load_documents
 from compress.export.onnx_genai import HEAD_NODE, run_builder
 from compress.pipeline import baseline_speed_server, baseline_stages, decide, verify_artifact
-from compress.recipe import Gates, Recipe, Target, Variant
+from compress.recipe import NAME, Gates, Recipe, Target, Variant
 from compress.report import write_report
 from compress.results import FAIL, NOT_VERIFIED, Artifact, Outcome, Verdict
 from compress.runtimes.llama_cpp import gguf_file
@@ -56,7 +56,7 @@ def _artifact_name(folder: Path) -> str:
     import re
 
     name = folder.parent.name if folder.name in (*RUNTIMES, "onnx-cuda") else (folder.stem if folder.is_file() else folder.name)
-    return name if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) else "artifact"
+    return name if re.fullmatch(NAME, name) else "artifact"
 
 
 def verify_folder(folder: Path, baseline_spec: str, recipe: Recipe, out: Path, console: Console) -> dict:

@@ -9,6 +9,7 @@ import subprocess
 from dataclasses import dataclass, field
 
 from compress.cluster import ClusterError
+from compress.recipe import labels_text
 
 RAY_LABELS = "ray.io/"  # labels Ray sets itself (node id, ...): not the user's
 
@@ -79,10 +80,15 @@ class Node:
         return all(self.labels.get(key) == value for key, value in labels.items())
 
 
+def _users(labels: dict[str, str]) -> dict[str, str]:
+    """A node's labels less those Ray sets itself."""
+    return {key: value for key, value in labels.items() if not key.startswith(RAY_LABELS)}
+
+
 def alive_nodes() -> list[Node]:
     import ray
 
-    return [Node(node["NodeID"], {k: v for k, v in (node.get("Labels") or {}).items() if not k.startswith(RAY_LABELS)},
+    return [Node(node["NodeID"], _users(node.get("Labels") or {}),
                  int(node["Resources"].get("CPU", 0)), int(node["Resources"].get("GPU", 0)), int(node["Resources"].get("memory", 0)),
                  node.get("NodeManagerHostname") or node.get("NodeManagerAddress", ""), node["Resources"])
             for node in ray.nodes() if node.get("Alive")]
@@ -99,7 +105,7 @@ class Placement:
     memory: int
 
     def where(self) -> str:
-        return "{" + ", ".join(f"{k}: {v}" for k, v in self.labels.items()) + "}"
+        return labels_text(self.labels)
 
     def options(self) -> dict:
         options = {"num_cpus": self.cpus, "num_gpus": self.gpus, "max_retries": 1}
@@ -113,7 +119,7 @@ class Placement:
 def place(nodes: list[Node], labels: dict[str, str], device: str, memory: int) -> Placement | str:
     """The placement for a task on nodes with `labels` and `device`, or why no node can take it (a sentence).
     Checked before anything is submitted: Ray leaves a task no node matches pending forever."""
-    where = "{" + ", ".join(f"{k}: {v}" for k, v in labels.items()) + "}"
+    where = labels_text(labels)
     fitting = [node for node in nodes if node.matches(labels)]
     if not fitting:
         return f"no node in the cluster has labels {where}"
@@ -146,8 +152,7 @@ def here() -> dict:
     from compress.verify.targets import cpu_model
 
     context = ray.get_runtime_context()
-    labels = {k: v for k, v in context.get_node_labels().items() if not k.startswith(RAY_LABELS)}
-    return {"node_id": context.get_node_id(), "labels": labels, "host": socket.gethostname(), "cpu": cpu_model(),
+    return {"node_id": context.get_node_id(), "labels": _users(context.get_node_labels()), "host": socket.gethostname(), "cpu": cpu_model(),
             "gpu": gpu_model(), "threads": int(os.environ.get("COMPRESS_THREADS", "0")) or None}
 
 

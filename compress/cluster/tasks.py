@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from compress import memory
 from compress.cluster.nodes import here, take_threads
 from compress.cluster.store import Store
 
@@ -72,7 +73,7 @@ def baseline_task(store: Store, token: str, marker: str, recipe, target: str, mo
         store.push(baseline.references[target], reference)
         result = baseline.results[target]
         result["environment"]["node"] = node
-        return {"result": result, "reference": reference, "size_bytes": baseline.size_bytes}
+        return {"result": result, "reference": reference}
 
 
 def produce_task(store: Store, token: str, marker: str, recipe, name: str, model_spec: str, data, budget: int, stamp: str,
@@ -89,7 +90,7 @@ def produce_task(store: Store, token: str, marker: str, recipe, name: str, model
     variant = next(v for v in recipe.variants if v.name == name)
     with scratch() as run_dir:
         info = inspect_model(model_spec)
-        if not _fits_beside_speed_server(info, recipe, budget):
+        if not memory.speed_server_fits_beside_every_stage(info, recipe, budget):
             close_speed_servers()
         for owner in filter(None, (name, variant.from_)):  # a calibration saved earlier, the source's calibration
             for part in CALIBRATION:
@@ -111,15 +112,6 @@ def produce_task(store: Store, token: str, marker: str, recipe, name: str, model
         if (log := run_dir / "logs" / f"{name}.log").is_file():
             store.push(log, f"logs/{name}.log")
         return {"artifacts": records, "node": node}
-
-
-def _fits_beside_speed_server(info, recipe, budget: int) -> bool:
-    """Whether every stage fits beside a kept baseline speed server (compress.pipeline.run's rule)."""
-    from compress import memory
-
-    shapes = memory.Shapes.from_info(info)
-    stages = memory.run_estimates(info, recipe, budget).values()
-    return memory.baseline_whole_model_cpu(shapes, recipe.evaluation.seq_len) + max(n for n, _ in stages) <= budget
 
 
 def _injected_fault(store: Store, name: str) -> None:
