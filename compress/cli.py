@@ -87,7 +87,9 @@ def run(
         _fail(f"no space left on the device while writing {out}; nothing partial was released, and the next run "
               "on this folder resumes from the finished stages", 1)
     released = [v for v in report["variants"] if v["released"]]
-    console.print(f"Report: {out.rstrip('/')}/report.md  ({len(released)} of {len(report['variants'])} artifact(s) released)")
+    from compress.cluster.store import inside  # no Ray, no pyarrow: where the report is, as --out named the folder
+
+    console.print(f"Report: {inside(out, 'report.md')}  ({len(released)} of {len(report['variants'])} artifact(s) released)")
     raise typer.Exit(0 if len(released) == len(report["variants"]) else 1)
 
 

@@ -35,6 +35,10 @@ PLACES = """targets:
 """
 
 
+# Any key does for the loopback S3 server; pyarrow's S3 client reads them from the environment.
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
 def namespace_problem() -> str | None:
     """Why the cluster tests cannot run here: they need a loopback-only network namespace (unshare -n, root)."""
     if not shutil.which("unshare") or not shutil.which("ip"):
@@ -57,12 +61,30 @@ def test_targets_are_named_places(write_recipe):
         load_recipe(write_recipe("name: r\n" + HEAD + "targets: {gpu: {device: cuda}}\n" + VARIANTS))
 
 
-@pytest.mark.parametrize("uri", ["plain", "file"])
-def test_store_round_trip(tmp_path, uri):
+@pytest.fixture
+def s3_run_folder(monkeypatch):
+    """A run folder in an S3 bucket on a loopback S3 server (moto: Amazon's S3 API over HTTP, which pyarrow's own
+    S3 client talks to as it talks to AWS). -> its URI."""
+    from moto.server import ThreadedMotoServer
+    from pyarrow import fs
+
+    for key, value in S3_CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    fs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", allow_bucket_creation=True).create_dir("runs")
+    yield f"s3://runs/test?endpoint_override={host}:{port}&scheme=http"
+    server.stop()
+
+
+@pytest.mark.parametrize("uri", ["plain", "file", "s3"])
+def test_store_round_trip(tmp_path, uri, request):
     """Every way the run folder is used, through pyarrow.fs: a folder put and taken back byte for byte, JSON
-    written whole, a release replacing an older one, and the listing that resuming reads."""
+    written whole, a release replacing an older one (in an object store: copied, then deleted), and the listing
+    that resuming reads."""
     root = tmp_path / "store"
-    store = Store(str(root) if uri == "plain" else f"file://{root}")
+    store = Store({"plain": str(root), "file": f"file://{root}", "s3": request.getfixturevalue("s3_run_folder") if uri == "s3" else ""}[uri])
     assert (store.local == root) == (uri == "plain")
     folder = tmp_path / "artifact"
     (folder / "sub").mkdir(parents=True)
@@ -80,6 +102,8 @@ def test_store_round_trip(tmp_path, uri):
     assert (back / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
     assert sorted(p.name for p in back.rglob("*") if p.is_file()) == ["config.json", "manifest.json", "model.safetensors"]
     assert not store.pull("release/none", tmp_path / "none") and store.read_json("none.json") is None
+    if uri == "s3":  # where a file is, as the user named the run folder, the endpoint's options kept at the end
+        assert store.show("report.md").startswith("s3://runs/test/report.md?endpoint_override=127.0.0.1:")
 
 
 def test_placement_is_checked_before_submitting():
@@ -251,3 +275,55 @@ def test_a_rerun_resumes_from_the_run_folder(cluster_runs):
     assert {v["name"]: v["released"] for v in report["variants"]} == {"rtn-w4": True, "onnx-from-rtn": True, "rtn-g64": True,
                                                                       "onnx-from-g64": True}
     assert Path(folder / "store" / "release" / "rtn-g64" / "compressed-tensors" / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_run_folder_in_an_s3_bucket(cluster_runs, tmp_path):
+    """--out s3://…: a one-node cluster run into a bucket on a loopback S3 server started in the namespace, then a
+    rerun that finds the releases unchanged in the bucket; the same figures as a local run's."""
+    folder, local, _ = cluster_runs
+    (tmp_path / "s3.yaml").write_text("name: places\n" + HEAD + "targets: {laptop: {device: cpu, required: true, node_labels: "
+                                      "{place: laptop}}}\n" + VARIANTS.split("  - {name: rtn-g64")[0])
+    uri = "s3://runs/phi?endpoint_override=127.0.0.1:9000&scheme=http"
+    (tmp_path / "bucket.py").write_text(f"""import sys, time
+from pathlib import Path
+from pyarrow import fs
+from compress.cluster.store import Store
+if sys.argv[1] == "create":  # once the server answers
+    s3 = fs.S3FileSystem(endpoint_override="127.0.0.1:9000", scheme="http", allow_bucket_creation=True)
+    for _ in range(150):
+        try:
+            s3.create_dir("runs")
+            break
+        except OSError:
+            time.sleep(0.2)
+else:  # the run folder, copied out before the server ends
+    Store("{uri}").pull("", Path("{tmp_path / 'bucket'}"))
+""")
+    python = sys.executable
+    compress = f"{python} -m compress.cli run {tmp_path / 's3.yaml'} --cluster auto --out '{uri}'"
+    runs = (f"{compress} > {tmp_path / 'first.log'} 2>&1; echo $? > {tmp_path / 'first.rc'}; "
+            f"{compress} > {tmp_path / 'second.log'} 2>&1; echo $? > {tmp_path / 'second.rc'}")
+    (tmp_path / "runs.sh").write_text(runs + "\n")
+    script = (f"ip link set lo up && {{ {python} -m moto.server -H 127.0.0.1 -p 9000 > {tmp_path / 'moto.log'} 2>&1 & moto=$!; }} && "
+              f"{python} {tmp_path / 'bucket.py'} create && "
+              f"{python} -m compress.cluster.simulate --node place=laptop:2 -- bash {tmp_path / 'runs.sh'}; "
+              f"{python} {tmp_path / 'bucket.py'} pull; kill $moto")
+    environment = {**os.environ, **S3_CREDENTIALS, "RAY_USAGE_STATS_ENABLED": "0",
+                   "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/", "COLUMNS": "200"}
+    finished = subprocess.run(["unshare", "-n", "bash", "-c", script], capture_output=True, text=True, env=environment,
+                              timeout=600, check=False)
+    logs = "".join((tmp_path / name).read_text() for name in ("first.log", "second.log") if (tmp_path / name).exists())
+    assert finished.returncode == 0 and (tmp_path / "first.rc").read_text().strip() == "0", finished.stdout + finished.stderr + logs
+    first = " ".join((tmp_path / "first.log").read_text().split())
+    assert "Report: s3://runs/phi/report.md?endpoint_override=127.0.0.1:9000&scheme=http" in first, first
+    second = " ".join((tmp_path / "second.log").read_text().split())
+    assert (tmp_path / "second.rc").read_text().strip() == "0" and "unchanged since their release, skipped: rtn-w4, onnx-from-rtn" in second, second
+    bucket = tmp_path / "bucket"
+    report = json.loads((bucket / "report.json").read_text())
+    assert all(v["released"] for v in report["variants"]) and len(report["variants"]) == 2
+    for name, fmt in (("rtn-w4", "compressed-tensors"), ("onnx-from-rtn", "onnx")):
+        assert (bucket / "release" / name / fmt / "manifest.json").is_file() and not (bucket / "staging" / name / fmt).exists()
+        measured = next(v for v in report["variants"] if v["name"] == name)["targets"]["laptop"]["metrics"]
+        expected = next(v for v in local["variants"] if v["name"] == name)["targets"]["laptop"]["metrics"]
+        assert {k: measured[k] for k in ("ppl", "kld", "top1")} == {k: expected[k] for k in ("ppl", "kld", "top1")}

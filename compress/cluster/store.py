@@ -14,6 +14,12 @@ from pathlib import Path
 from compress.cluster import ClusterError
 
 
+def inside(out: str, rel: str) -> str:
+    """`rel` in the run folder `out`, a path or a URI whose options (an S3 endpoint's) stay at the end."""
+    location, mark, options = out.partition("?")
+    return f"{location.rstrip('/')}/{rel}{mark}{options}"
+
+
 class StoreError(ClusterError):
     """`--out` names no file system pyarrow can open."""
 
@@ -52,7 +58,7 @@ class Store:
 
     def show(self, rel: str) -> str:
         """Where `rel` is, as the user named the run folder."""
-        return str(self.local / rel) if self.local else f"{self.uri.rstrip('/')}/{rel}"
+        return str(self.local / rel) if self.local else inside(self.uri, rel)
 
     def _info(self, rel: str):
         return self.fs.get_file_info(self.path(rel))
