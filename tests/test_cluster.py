@@ -200,12 +200,15 @@ def cluster_runs(tmp_path_factory):
     local = run_cli("run", str(folder / "local.yaml"), "--out", str(folder / "local"))
     assert local.returncode == 0, local.stdout + local.stderr  # phone is not verified, but it is not required
     compress = f"{sys.executable} -m compress.cli run {folder / 'cluster.yaml'} --cluster auto --out file://{folder / 'store'}"
+    scratch = folder / "scratch"  # the nodes' own folders (the nodes share this machine's disk, not the run folder)
+    scratch.mkdir()
     script = (f"ip link set lo up && ip -o link show > {folder / 'links.txt'} && "
               # the nodes' workers take the fault from the environment the nodes were started in
-              f"COMPRESS_CLUSTER_FAULT=rtn-w4:1,rtn-g64:2 {sys.executable} -m compress.cluster.simulate --node place=laptop:2 "
-              f"--node place=edge:2 -- bash -c '{compress} > {folder / 'first.log'} 2>&1; echo $? > {folder / 'first.rc'}; "
+              f"COMPRESS_CLUSTER_FAULT=rtn-w4:1,rtn-g64:2 COMPRESS_SCRATCH={scratch} {sys.executable} -m compress.cluster.simulate "
+              f"--node place=laptop:2 --node place=edge:2 -- bash -c '{compress} > {folder / 'first.log'} 2>&1; "
+              f"echo $? > {folder / 'first.rc'}; ls {scratch} > {folder / 'scratch-first.txt'}; "
               f"cp {folder / 'store' / 'report.json'} {folder / 'first-report.json'}; "
-              f"{compress} > {folder / 'second.log'} 2>&1; echo $? > {folder / 'second.rc'}'")
+              f"{compress} > {folder / 'second.log'} 2>&1; echo $? > {folder / 'second.rc'}; ls {scratch} > {folder / 'scratch-second.txt'}'")
     environment = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/",
                    "COLUMNS": "200"}
     finished = subprocess.run(["unshare", "-n", "bash", "-c", script], capture_output=True, text=True, env=environment,
@@ -264,6 +267,35 @@ def test_a_failed_task_is_retried_once_then_that_variant_fails(cluster_runs):
     died = "its task failed: its worker or its node died (WorkerCrashedError), and again when retried"
     assert not failed["released"] and failed["not_released_because"] == [died]
     assert by_name["onnx-from-g64"]["not_released_because"] == [f"its source rtn-g64 was not made ({died})"]
+
+
+@pytest.mark.slow
+def test_no_worker_leaves_its_folders_behind_past_the_next_task(cluster_runs):
+    """The workers killed in the first run left their task folders: the retries removed them. The first run's
+    kept speed servers' folders outlived its driver (Ray ends its workers without a word): the rerun's tasks
+    removed them."""
+    folder, _, _ = cluster_runs
+    first, second = ((folder / name).read_text().split() for name in ("scratch-first.txt", "scratch-second.txt"))
+    assert first and all(name.startswith("compress-speed-") for name in first), first
+    assert not set(first) & set(second), (first, second)
+
+
+def test_a_worker_removes_the_folders_of_workers_that_ended(tmp_path, monkeypatch):
+    from compress.cluster.tasks import own_folder, scratch
+
+    monkeypatch.setenv("COMPRESS_SCRATCH", str(tmp_path))
+    ended = tmp_path / "compress-task-999999999-abcd_123"  # no such process
+    (ended / "artifact").mkdir(parents=True)
+    alive = tmp_path / f"compress-speed-{os.getpid()}-abcd_123"
+    others = [tmp_path / "compress-notes-999999999-abcd_123", tmp_path / "compress-task-999999999"]
+    for path in [alive, *others]:
+        path.mkdir()
+    made = own_folder("speed")
+    assert made.name.startswith(f"compress-speed-{os.getpid()}-") and made.is_dir()
+    assert not ended.exists() and alive.is_dir() and all(path.is_dir() for path in others)
+    with scratch() as task:
+        assert task.name.startswith(f"compress-task-{os.getpid()}-")
+    assert not task.exists()
 
 
 @pytest.mark.slow

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import psutil
 
 from compress import memory
 from compress.cluster.nodes import here, take_threads
@@ -26,10 +29,25 @@ STARTED = "work/started"  # each task's mark that a node started it (the driver'
 CALIBRATION = ("calibrated", "calibration.json", "awq-scales.safetensors")
 
 
+OWN_FOLDER = re.compile(r"compress-(?:task|speed)-(\d+)-[a-z0-9_]{8}")  # as own_folder names them
+
+
+def own_folder(kind: str) -> Path:
+    """A new folder of this worker process's own on the node (under COMPRESS_SCRATCH or the system's temporary
+    folder), named with its process id; first, the folders of workers that ended without removing theirs (a
+    worker killed by the kernel's OOM killer, or by Ray at a run's end) are removed: a checker's copy of an
+    8–28 GB artifact must not outlive its worker by more than the next task on the node."""
+    root = Path(os.environ.get("COMPRESS_SCRATCH") or tempfile.gettempdir())
+    for folder in root.glob("compress-*"):
+        if (mine := OWN_FOLDER.fullmatch(folder.name)) and not psutil.pid_exists(int(mine[1])):
+            shutil.rmtree(folder, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"compress-{kind}-{os.getpid()}-", dir=root))
+
+
 @contextmanager
 def scratch() -> Iterator[Path]:
-    """A run folder of this task's own on the node (under COMPRESS_SCRATCH or the system's temporary folder)."""
-    folder = Path(tempfile.mkdtemp(prefix="compress-task-", dir=os.environ.get("COMPRESS_SCRATCH")))
+    """A run folder of this task's own on the node, removed when the task ends."""
+    folder = own_folder("task")
     try:
         yield folder
     finally:
@@ -165,7 +183,7 @@ def _kept_speed_server(key: str, start):
     for other in [k for k in _SPEED if k != key]:
         close_speed_servers(other)
     if key not in _SPEED:
-        folder = Path(tempfile.mkdtemp(prefix="compress-speed-", dir=os.environ.get("COMPRESS_SCRATCH")))
+        folder = own_folder("speed")
         _SPEED[key] = (start(folder), folder)
     return _SPEED[key][0]
 
