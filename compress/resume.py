@@ -42,20 +42,23 @@ def variant_stamp(recipe: Recipe, variant: Variant, context: dict, earlier: dict
                     "gates": recipe.gates_for(variant).model_dump(), "source": earlier.get(variant.from_ or "")})
 
 
-def expected_formats(recipe: Recipe, variant: Variant) -> list[str]:
+def expected_formats(recipe: Recipe, variant: Variant, has_device: Callable[[str], bool] | None = None) -> list[str]:
+    """The formats a variant makes: an ONNX variant's onnx-<device> for each target device besides the CPU that
+    `has_device` (else: this machine's onnxruntime-genai has it)."""
     if not variant.is_onnx:
         return list(variant.formats)
-    return ["onnx"] + [f"onnx-{d}" for d in recipe.devices() if d != "cpu" and availability(d, "onnxruntime-genai") is None]
+    has_device = has_device or (lambda device: availability(device, "onnxruntime-genai") is None)
+    return ["onnx"] + [f"onnx-{d}" for d in recipe.devices() if d != "cpu" and has_device(d)]
 
 
 def released_outcomes(recipe: Recipe, variant: Variant, out: Path, stamp: str,
                       current: Callable[[Path, str], dict | None] = release_is_current,
-                      formats: list[str] | None = None) -> list[Outcome] | None:
-    """The variant's outcomes from an earlier run, when every format (`formats`, else those this machine makes)
-    was released from the same inputs (`current(folder, stamp)`: its manifest where the folder is current, as
+                      has_device: Callable[[str], bool] | None = None) -> list[Outcome] | None:
+    """The variant's outcomes from an earlier run, when every format it makes (expected_formats) was released
+    from the same inputs (`current(folder, stamp)`: its manifest where the folder is current, as
     compress.release judges on disk)."""
     outcomes = []
-    for fmt in formats or expected_formats(recipe, variant):
+    for fmt in expected_formats(recipe, variant, has_device):
         folder = out / "release" / variant.name / fmt
         manifest = current(folder, stamp)
         if manifest is None:

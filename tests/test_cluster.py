@@ -119,6 +119,18 @@ def test_placement_is_checked_before_submitting():
     assert place(nodes, {}, "cpu", 1 << 40).memory == 64 << 30  # never more than the roomiest node has
 
 
+def test_an_onnx_variant_expects_a_cuda_folder_only_where_a_gpu_target_is(write_recipe):
+    """What a rerun looks for in the run folder: on a cluster, onnx-cuda where a node of a cuda target is in it
+    (whatever this machine has)."""
+    from compress.resume import expected_formats
+
+    recipe = load_recipe(write_recipe("name: r\n" + HEAD + PLACES + "  gpu: {device: cuda, node_labels: {place: gpu-box}}\n" + VARIANTS))
+    onnx, rtn = recipe.variants[1], recipe.variants[0]
+    assert expected_formats(recipe, onnx, lambda device: True) == ["onnx", "onnx-cuda"]
+    assert expected_formats(recipe, onnx, lambda device: False) == ["onnx"]
+    assert expected_formats(recipe, rtn, lambda device: True) == ["compressed-tensors"]
+
+
 def test_a_task_refuses_a_run_folder_its_node_does_not_share(tmp_path):
     from compress.cluster import tasks
 

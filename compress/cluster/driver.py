@@ -126,8 +126,7 @@ class ClusterRun:
         for variant in recipe.variants:
             interrupts.check()
             stamps[variant.name] = variant_stamp(recipe, variant, context, stamps)
-            reused = released_outcomes(recipe, variant, Path(""), stamps[variant.name], self._current,
-                                       self._formats(variant))
+            reused = released_outcomes(recipe, variant, Path(""), stamps[variant.name], self._current, self._has_device)
             if reused is not None:
                 made[variant.name] = [(outcome.artifact, None) for outcome in reused]
                 checks.update({(variant.name, i): dict(outcome.verdicts) for i, outcome in enumerate(reused)})
@@ -172,12 +171,10 @@ class ClusterRun:
                 hashes[(variant.name, index)] = files
         return outcomes, kept, stamps, hashes
 
-    def _formats(self, variant) -> list[str]:
-        """The formats a variant's task makes: an ONNX variant's onnx-cuda where a node with a GPU is a target."""
-        if not variant.is_onnx:
-            return list(variant.formats)
-        gpu = any(self.recipe.device(target) == "cuda" for target in self.placements)
-        return ["onnx"] + (["onnx-cuda"] if gpu else [])
+    def _has_device(self, device: str) -> bool:
+        """Whether a node that is a target of this device is in the cluster (an ONNX variant's task then makes
+        onnx-<device> there)."""
+        return any(self.recipe.device(target) == device for target in self.placements)
 
     def _producer(self, variant) -> Placement | str:
         """Where a variant's task runs: any node with CPUs; an ONNX variant with a CUDA target on that target's node
@@ -202,8 +199,8 @@ class ClusterRun:
                 verdicts[target] = Verdict(target, NOT_VERIFIED, {}, [baseline.missing[target]])
             else:
                 measured = {"result": baseline.results[target], "reference": str(baseline.references[target])}
-                waiting.submit(("verify", name, index, target), self.placements[target], tasks.verify_task, self.recipe, target, name, artifact, measured, self.spec, self.data, self.budget,
-                               baseline.size_bytes)
+                waiting.submit(("verify", name, index, target), self.placements[target], tasks.verify_task, self.recipe,
+                               target, name, artifact, measured, self.spec, self.data, self.budget, baseline.size_bytes)
                 count += 1
         return verdicts, count
 
